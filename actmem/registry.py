@@ -42,5 +42,8 @@ class Registry:
     def names(self) -> list[str]:
         return sorted(self._entries)
 
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
     def __contains__(self, name: str) -> bool:
         return name in self._entries
