@@ -1,0 +1,115 @@
+"""Structured configs: each Hydra group option is typed by a dataclass, so a wrong key or type fails
+at composition with Hydra's own message. Registries supply the per-option schemas."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from actmem.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+AMP_MODES = ("none", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
+LOGGERS = ("none", "jsonl", "wandb")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
+    batch_size: int = 128
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    deterministic: bool = False
+    warmup_steps: int = 5  # steps left out of the throughput figure
+    measure_activations: bool = True
+    progress: bool = True  # a bar per epoch, only when stderr is a terminal
+    threads: int | None = None  # torch CPU threads; default: torch's choice
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_start: float = 0.1  # lr factor at step 0 of the warm-up
+    milestones: list[float] = field(default_factory=list)  # epochs, for multistep
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the model's builder
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "jsonl"
+    log_every: int = 50  # jsonl/wandb: a train record every this many steps, besides each epoch's
+    project: str = "actmem"
+    mode: str = "offline"  # wandb mode; set "online" yourself if you want it synced
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    debug: bool = False
+    dataset: Any = MISSING
+    model: ModelConfig = MISSING
+    strategy: Any = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+def register_configs() -> None:
+    """Put every schema where the yaml files in configs/ find them (`/schema/<group>/<name>`)."""
+    from actmem.data import DATASETS
+    from actmem.strategies import STRATEGIES
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="schema/model", name="base", node=ModelConfig)
+    cs.store(group="schema/optim", name="base", node=OptimConfig)
+    cs.store(group="schema/trainer", name="base", node=TrainerConfig)
+    cs.store(group="schema/logger", name="base", node=LoggerConfig)
+    for registry, group in ((DATASETS, "dataset"), (STRATEGIES, "strategy")):
+        for entry in registry.entries():
+            cs.store(group=f"schema/{group}", name=entry.name, node=entry.schema)
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def validate(cfg) -> None:
+    """Impossible settings fail here, before any data is loaded or model built."""
+    t, o = cfg.trainer, cfg.optim
+    _check(t.batch_size > 0, f"trainer.batch_size={t.batch_size}: it must be a positive integer, e.g. 128.")
+    _check(t.epochs > 0, f"trainer.epochs={t.epochs}: it must be at least 1.")
+    _check(t.max_steps is None or t.max_steps > 0,
+           f"trainer.max_steps={t.max_steps}: use a positive number of steps, or null for no limit.")
+    _check(t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps}: it must be >= 0.")
+    _check(t.device in DEVICES, f"trainer.device={t.device!r}: use one of {', '.join(DEVICES)}.")
+    _check(t.amp in AMP_MODES, f"trainer.amp={t.amp!r}: use one of {', '.join(AMP_MODES)}.")
+    _check(o.name in OPTIMIZERS, f"optim.name={o.name!r}: use one of {', '.join(OPTIMIZERS)} (optim=sgd|adamw).")
+    _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+    _check(o.lr > 0, f"optim.lr={o.lr}: the learning rate must be positive.")
+    _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: it must be >= 0.")
+    _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing}: use a value in [0, 1).")
+    _check(o.schedule != "multistep" or len(o.milestones) > 0,
+           "optim.schedule=multistep needs optim.milestones, e.g. optim.milestones=[100,150].")
+    _check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}: use one of {', '.join(LOGGERS)}.")

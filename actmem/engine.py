@@ -1,0 +1,109 @@
+"""One epoch of training and one evaluation pass: plain PyTorch, nothing strategy-specific."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from actmem.measure import Throughput
+
+
+@dataclass
+class Precision:
+    """AMP settings: autocast dtype (None: fp32) and a grad scaler for fp16."""
+
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    channels_last: bool
+
+    @classmethod
+    def build(cls, amp: str, device: torch.device, channels_last: bool) -> Precision:
+        dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+        return cls(dtype, scaler, channels_last)
+
+    def autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+
+@dataclass
+class EpochResult:
+    step: int  # global optimizer step after the epoch
+    loss: float  # mean training loss
+    acc: float  # training top-1, percent
+    img_per_s: float  # over this epoch's timed steps
+    seconds: float
+
+
+def _bar(loader, desc: str, enabled: bool):
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not (enabled and sys.stderr.isatty()))
+
+
+def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precision: Precision,
+                meter: Throughput, *, epoch: int, step: int, max_steps: int, runlog, progress: bool):
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, t_epoch, t_timed = 0, time.perf_counter(), 0.0
+    bar = _bar(loader, f"epoch {epoch}", progress)
+    for x, y in bar:
+        if step >= max_steps:
+            break
+        x = precision.prepare(x)
+        meter.start()
+        t0 = time.perf_counter()
+        with precision.autocast(device):
+            out = model(x)
+            loss = loss_fn(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        if precision.scaler is not None:
+            precision.scaler.scale(loss).backward()
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        meter.stop(len(x))
+        t_timed += time.perf_counter() - t0
+        step += 1
+        n = len(x)
+        seen += n
+        loss_sum += loss.detach().float() * n
+        correct += (out.argmax(1) == y).sum()
+        if runlog.wants_step(step) or bar.disable is False:
+            loss_now = loss.item()
+            if runlog.wants_step(step):
+                runlog.log({"epoch": epoch, "step": step, "split": "train", "loss": loss_now, "acc": None,
+                            "lr": scheduler.get_last_lr()[0], "img_per_s": n / (time.perf_counter() - t0),
+                            "time": time.time()})
+            bar.set_postfix(loss=f"{loss_now:.3f}", img_s=f"{seen / max(t_timed, 1e-9):.0f}")
+    bar.close()
+    mean_loss = (loss_sum / max(seen, 1)).item()
+    acc = 100.0 * correct.item() / max(seen, 1)
+    return EpochResult(step, mean_loss, acc, seen / max(t_timed, 1e-9), time.perf_counter() - t_epoch)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: bool):
+    """Returns (mean loss, top-1 accuracy %) over the whole loader."""
+    model.eval()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for x, y in _bar(loader, "eval", progress):
+        with precision.autocast(device):
+            out = model(precision.prepare(x))
+        loss_sum += loss_fn(out.float(), y) * len(x)
+        correct += (out.argmax(1) == y).sum()
+        seen += len(x)
+    return (loss_sum / max(seen, 1)).item(), 100.0 * correct.item() / max(seen, 1)

@@ -1,0 +1,115 @@
+"""What training costs: bytes held for backward, peak memory, throughput -- all measured.
+
+`activation_bytes` counts, during one forward pass, every tensor that autograd saves for backward
+(through `saved_tensors_hooks`, so custom Functions that `save_for_backward` their packed codes are
+counted by the real size of those codes). Each storage is counted once, at its full size (a saved view
+keeps its whole storage alive); parameters and buffers are not activations and are left out.
+"""
+from __future__ import annotations
+
+import copy
+import resource
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+def _batch_input(batch):
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@contextmanager
+def _module_scope(model: nn.Module):
+    """Track which module is running, so each saved tensor can be charged to a layer."""
+    stack = ["(outside)"]
+    names = {m: n or "(model)" for n, m in model.named_modules()}
+    pre = lambda m, args: stack.append(names[m])  # noqa: E731
+    post = lambda m, args, out: stack.pop()  # noqa: E731
+    handles = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
+    try:
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def saved_bytes_by_module(model: nn.Module, batch, *, autocast_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Bytes held for backward by one forward pass, per module (the innermost module running when the
+    tensor was saved). The model runs in its current mode; its state (e.g. BatchNorm statistics) and
+    the RNG are left as they were."""
+    x = _batch_input(batch)
+    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, tuple[str, int]] = {}
+    state = copy.deepcopy(model.state_dict())
+    with _module_scope(model) as stack, torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+
+        def pack(t: torch.Tensor):
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr and ptr not in excluded and ptr not in seen:
+                seen[ptr] = (stack[-1], storage.nbytes())
+            return t
+
+        autocast = torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            out = model(x)
+        del out
+    model.load_state_dict(state)
+    per_module: dict[str, int] = defaultdict(int)
+    for name, nbytes in seen.values():
+        per_module[name] += nbytes
+    return dict(per_module)
+
+
+def activation_bytes(model: nn.Module, batch, **kw) -> int:
+    """Bytes held for backward by one forward pass of `model` on `batch` (SPEC.md)."""
+    return sum(saved_bytes_by_module(model, batch, **kw).values())
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_gpu_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+class Throughput:
+    """Images per second over the steps after `warmup` (which include one-off costs: allocation,
+    kernel compilation, caches). GPU steps are timed after a synchronise."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.steps = self.images = 0
+        self.seconds = 0.0
+        self._t0 = None
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self):
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def stop(self, images: int):
+        self._sync()
+        self.steps += 1
+        if self.steps > self.warmup:
+            self.seconds += time.perf_counter() - self._t0
+            self.images += images
+
+    @property
+    def img_per_s(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None

@@ -1,0 +1,111 @@
+"""`python -m actmem.report PATH... [--format md|csv|latex] [--out FILE] [--plot FILE.png]`:
+one row per run (every summary.json under the paths), beside the exact run of the same setting."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+MB = 2**20
+COLUMNS = ["dataset", "model", "strategy", "bits", "batch", "status", "epochs", "test_acc", "activation_MB",
+           "activation_ratio", "peak_memory_MB", "peak_rss_MB", "img_per_s", "throughput_vs_exact", "run"]
+
+
+def _bits(strategy_config: dict | None):
+    cfg = strategy_config or {}
+    for key in ("bits", "level"):
+        if cfg.get(key) is not None:
+            return cfg[key]
+    return None
+
+
+def load_runs(paths) -> pd.DataFrame:
+    """Every summary.json under `paths` (files or directories) as one row each."""
+    rows = []
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(path.rglob("summary.json"))
+        for f in files:
+            s = json.loads(f.read_text())
+            mb = lambda v: v / MB if v is not None else None  # noqa: E731
+            rows.append({
+                "dataset": s.get("dataset"), "model": s.get("model"), "strategy": s.get("strategy"),
+                "bits": _bits(s.get("strategy_config")), "batch": s.get("batch_size"), "status": s.get("status"),
+                "epochs": s.get("epochs"), "test_acc": s.get("test_acc"),
+                "activation_MB": mb(s.get("activation_bytes")), "activation_ratio": s.get("activation_ratio"),
+                "peak_memory_MB": mb(s.get("peak_memory_bytes")), "peak_rss_MB": mb(s.get("peak_rss_bytes")),
+                "img_per_s": s.get("throughput_img_s"), "run": str(f.parent),
+            })
+    df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "throughput_vs_exact"])
+    return add_relative_throughput(df)
+
+
+def add_relative_throughput(df: pd.DataFrame) -> pd.DataFrame:
+    """img/s over that of the exact run with the same dataset/model/batch (the latest one, if several)."""
+    key = ["dataset", "model", "batch"]
+    exact = df[(df.strategy == "exact") & (df.status == "completed")].drop_duplicates(key, keep="last")
+    exact = exact[key + ["img_per_s"]].rename(columns={"img_per_s": "exact_img_per_s"})
+    out = df.merge(exact, on=key, how="left")
+    out["throughput_vs_exact"] = out.img_per_s / out.exact_img_per_s
+    return out[COLUMNS]
+
+
+def render(df: pd.DataFrame, fmt: str) -> str:
+    shown = df.drop(columns=["run"])
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "latex":
+        return shown.to_latex(index=False, float_format="%.2f", na_rep="--")
+    return shown.to_markdown(index=False, floatfmt=".2f", missingval="-")
+
+
+def plot(df: pd.DataFrame, out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = df[df.status == "completed"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (dataset, model), group in done.groupby(["dataset", "model"]):
+        axes[0].scatter(group.activation_MB, group.test_acc, label=f"{dataset}/{model}")
+        axes[1].scatter(group.activation_ratio, group.throughput_vs_exact, label=f"{dataset}/{model}")
+        for _, r in group.iterrows():
+            axes[0].annotate(r.strategy, (r.activation_MB, r.test_acc), fontsize=8)
+            axes[1].annotate(r.strategy, (r.activation_ratio, r.throughput_vs_exact), fontsize=8)
+    axes[0].set(xlabel="activation memory (MB, measured)", ylabel="test top-1 (%)", xscale="log")
+    axes[1].set(xlabel="activation ratio (exact / strategy)", ylabel="throughput vs exact")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m actmem.report", description=__doc__.split("\n")[0])
+    ap.add_argument("paths", nargs="+", help="run directories, sweep directories or summary.json files")
+    ap.add_argument("--format", choices=("md", "csv", "latex"), default="md")
+    ap.add_argument("--out", type=Path, help="write the table here instead of printing it")
+    ap.add_argument("--plot", type=Path, help="also save a plot (PNG)")
+    args = ap.parse_args(argv)
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"Error: no such path: {', '.join(missing)}.", file=sys.stderr)
+        return 2
+    df = load_runs(args.paths)
+    if df.empty:
+        print(f"Error: no summary.json under {', '.join(args.paths)}; run `python -m actmem.train` first.",
+              file=sys.stderr)
+        return 2
+    text = render(df, args.format)
+    if args.out:
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    if args.plot:
+        plot(df, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

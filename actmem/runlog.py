@@ -1,0 +1,75 @@
+"""The run directory's records: metrics.jsonl, summary.json (atomic), and an optional wandb mirror."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+import actmem
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(actmem.__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+            "actmem": actmem.__version__}
+
+
+class RunLog:
+    """`logger=none`: epoch records only; `jsonl`: also a train record every `log_every` steps;
+    `wandb`: the same records mirrored to wandb (offline unless logger.mode=online)."""
+
+    def __init__(self, run_dir: Path, cfg, config_dict: dict):
+        self.path = run_dir / "metrics.jsonl"
+        self.every = cfg.log_every if cfg.name != "none" else 0
+        self.wandb = None
+        if cfg.name == "wandb":
+            import wandb
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=cfg.project, mode=cfg.mode, dir=str(run_dir), config=config_dict,
+                                    name=run_dir.name, resume="allow", id=_wandb_id(run_dir))
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"},
+                           step=record["step"])
+
+    def wants_step(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable id per run directory, so a resumed run continues the same wandb run."""
+    import hashlib
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]

@@ -1,0 +1,61 @@
+"""The strategy registry and the helpers every strategy shares.
+
+A strategy is `fn(model, cfg) -> model`: it rewrites the model (swapping submodules) so that the
+forward output is unchanged bit for bit and only what autograd keeps for backward differs. It must
+refuse a model it cannot serve by raising StrategyError, at apply time, before training starts.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from actmem.errors import ConfigError
+from actmem.registry import Registry
+
+STRATEGIES = Registry("strategy")
+
+
+def resolve(name_or_cfg, **overrides) -> DictConfig:
+    """A strategy name or config (dict / DictConfig / dataclass) -> the full config, typed by its schema."""
+    if isinstance(name_or_cfg, str):
+        given = {"name": name_or_cfg}
+    elif isinstance(name_or_cfg, DictConfig) or hasattr(name_or_cfg, "__dataclass_fields__"):
+        given = OmegaConf.to_container(OmegaConf.structured(name_or_cfg), resolve=True)
+    else:
+        given = dict(name_or_cfg)
+    if "name" not in given:
+        raise ConfigError(f"A strategy config needs a 'name'; valid names: {', '.join(STRATEGIES.names())}.")
+    entry = STRATEGIES.get(given["name"])
+    try:
+        return OmegaConf.merge(OmegaConf.structured(entry.schema), given, overrides)
+    except OmegaConfBaseException as e:
+        keys = ", ".join(entry.schema.__dataclass_fields__)
+        raise ConfigError(f"Bad setting for strategy {given['name']!r}: {e.msg}. Its keys are: {keys}.") from None
+
+
+def apply(model: nn.Module, name_or_cfg, **overrides) -> nn.Module:
+    """Apply a strategy by name (`apply(m, "actnn", bits=2)`) or by config (`apply(m, cfg)`)."""
+    cfg = resolve(name_or_cfg, **overrides)
+    return STRATEGIES.get(cfg.name).fn(model, cfg)
+
+
+def replace_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
+                    make: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Swap every module chosen by `select(name, module)` for `make(module)`, outermost first (a chosen
+    module's children are not visited). Returns the qualified names replaced."""
+    replaced = []
+
+    def visit(parent: nn.Module, prefix: str):
+        for child_name, child in list(parent.named_children()):
+            name = f"{prefix}{child_name}"
+            if select(name, child):
+                setattr(parent, child_name, make(child))
+                replaced.append(name)
+            else:
+                visit(child, name + ".")
+
+    visit(model, "")
+    return replaced
