@@ -20,7 +20,7 @@ data: setup
 
 # The README's main job: a real, quick CPU comparison of every strategy on CIFAR-10, then the table.
 run: data
-	$(BIN)/python scripts/quick_compare.py
+	$(BIN)/python scripts/sweep_table.py experiment=quick_cpu
 
 test: data
 	$(BIN)/python -m pytest -q

@@ -1,0 +1,63 @@
+"""Run one Hydra sweep of `python -m actmem.train` over strategies and print (and optionally save) the
+report table, headed by the command, commit, date and device that produced it.
+
+    python scripts/sweep_table.py experiment=quick_cpu                      # make run: every strategy
+    python scripts/sweep_table.py --strategies exact,checkpoint --out results/cpu-baseline.md \
+        experiment=quick_cpu dataset.train_subset=null trainer.epochs=3
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from actmem.report import load_runs, render
+from actmem.runlog import git_commit
+from actmem.strategies import STRATEGIES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def device_line(overrides: list[str]) -> str:
+    wants_cpu = any(o == "trainer.device=cpu" for o in overrides) or not torch.cuda.is_available()
+    if wants_cpu:
+        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"GPU ({torch.cuda.get_device_name()})"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--strategies", default="all",
+                    help="comma-separated strategy names, or 'all' (every registered one but combo)")
+    ap.add_argument("--out", type=Path, help="also write the table, with its provenance, to this markdown file")
+    ap.add_argument("--title", default="actmem comparison")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run of the sweep")
+    args = ap.parse_args()
+    names = [n for n in STRATEGIES.names() if n != "combo"] if args.strategies == "all" else args.strategies.split(",")
+    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    sweep_dir = REPO / "outputs" / "sweeps" / stamp
+    cmd = [sys.executable, "-m", "actmem.train", "-m", *args.overrides, f"strategy={','.join(names)}",
+           f"hydra.sweep.dir={sweep_dir}"]
+    print("+", shlex.join(cmd[1:]), flush=True)
+    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+        print(f"The sweep failed; its runs are under {sweep_dir}.", file=sys.stderr)
+        return 1
+    table = render(load_runs([sweep_dir]), "md")
+    shown = " ".join(["python", *map(shlex.quote, sys.argv)])
+    header = (f"# {args.title}\n\n- command: `{shown}`\n- commit: {git_commit()}\n"
+              f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n- device: {device_line(args.overrides)}\n"
+              f"- torch {torch.__version__}; runs under `{sweep_dir.relative_to(REPO)}`\n")
+    print("\n" + header + "\n" + table)
+    if args.out:
+        args.out.write_text(header + "\n" + table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

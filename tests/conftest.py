@@ -1,0 +1,44 @@
+"""Fixtures shared by the whole suite: where the repo, the shared data and the real datasets are."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("ACTMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _real_dataset(name: str, tarball: str, tmp_path_factory) -> Path:
+    """`data/<name>` as `make data` leaves it, else the shared tarball unpacked once for this session."""
+    prepared = REPO / "data" / name
+    if (prepared / "train").is_dir():
+        return prepared
+    archive = SHARED_DATA / tarball
+    if not archive.exists():
+        pytest.fail(f"{name}: neither {prepared} (run `make data`) nor {archive} exists")
+    dest = tmp_path_factory.mktemp(name)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory) -> Path:
+    return _real_dataset("cifar10", "cifar10-jpg.tar.gz", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def imagenette_root(tmp_path_factory) -> Path:
+    return _real_dataset("imagenette", "imagenette-160.tar.gz", tmp_path_factory)
+
+
+def run_train(*overrides: str, run_dir: Path, timeout: float = 600, env: dict | None = None):
+    """`python -m actmem.train` in a subprocess, its run directory pinned to `run_dir`."""
+    cmd = [sys.executable, "-m", "actmem.train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *overrides]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

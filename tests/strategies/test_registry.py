@@ -1,0 +1,33 @@
+"""The strategy registry: names, configs by name/dict/DictConfig, clear errors."""
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from actmem import models, strategies
+from actmem.errors import ConfigError
+
+
+def test_apply_by_name_dict_and_dictconfig_agree():
+    cfgs = [strategies.resolve("checkpoint", granularity="stage"),
+            strategies.resolve({"name": "checkpoint", "granularity": "stage"}),
+            strategies.resolve(OmegaConf.create({"name": "checkpoint", "granularity": "stage"}))]
+    assert all(c == cfgs[0] for c in cfgs) and cfgs[0].granularity == "stage"
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ConfigError, match="exact"):
+        strategies.apply(models.build("resnet20", num_classes=10), "nosuch")
+
+
+def test_unknown_key_and_bad_type_fail_with_the_keys():
+    with pytest.raises(ConfigError, match="granularity"):
+        strategies.resolve("checkpoint", nosuch=1)
+    with pytest.raises(ConfigError, match="name"):
+        strategies.resolve({"granularity": "block"})
+
+
+def test_exact_is_identity():
+    model = models.build("resnet20", num_classes=10)
+    assert strategies.apply(model, "exact") is model
+    assert "exact" in strategies.STRATEGIES.names()
+    assert torch.is_tensor(model(torch.randn(2, 3, 32, 32)))

@@ -1,0 +1,49 @@
+"""python -m actmem.report on hand-written summaries."""
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from actmem.report import load_runs, main
+
+
+def _summary(path, strategy, img_s, batch=128, status="completed", **kw):
+    path.mkdir(parents=True)
+    s = {"status": status, "dataset": "cifar10", "model": "resnet20", "strategy": strategy,
+         "strategy_config": {"name": strategy, **kw}, "batch_size": batch, "epochs": 1, "test_acc": 50.0,
+         "activation_bytes": 2**20 * 10, "activation_ratio": 2.0, "peak_memory_bytes": None,
+         "peak_rss_bytes": 2**30, "throughput_img_s": img_s}
+    (path / "summary.json").write_text(json.dumps(s))
+
+
+def test_relative_throughput_against_exact_of_same_setting(tmp_path):
+    _summary(tmp_path / "a", "exact", 100.0)
+    _summary(tmp_path / "b", "checkpoint", 75.0)
+    _summary(tmp_path / "c", "checkpoint", 30.0, batch=256)  # no exact at batch 256
+    _summary(tmp_path / "d", "actnn", 50.0, bits=2)
+    df = load_runs([tmp_path]).set_index("run")
+    assert df.loc[str(tmp_path / "b"), "throughput_vs_exact"] == pytest.approx(0.75)
+    assert df.loc[str(tmp_path / "a"), "throughput_vs_exact"] == pytest.approx(1.0)
+    assert df.loc[str(tmp_path / "c"), "throughput_vs_exact"] != df.loc[str(tmp_path / "c"), "throughput_vs_exact"]
+    assert df.loc[str(tmp_path / "d"), "bits"] == 2
+    assert df.loc[str(tmp_path / "a"), "activation_MB"] == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("fmt, marker", [("md", "| dataset"), ("csv", "dataset,model"), ("latex", "\\toprule")])
+def test_formats_and_plot(tmp_path, fmt, marker):
+    _summary(tmp_path / "runs" / "a", "exact", 100.0)
+    out, png = tmp_path / "table.txt", tmp_path / "plot.png"
+    assert main([str(tmp_path / "runs"), "--format", fmt, "--out", str(out), "--plot", str(png)]) == 0
+    assert marker in out.read_text()
+    assert png.stat().st_size > 1000
+
+
+def test_cli_errors_on_empty_or_missing_paths(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "actmem.report", str(tmp_path)], cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "no summary.json" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "actmem.report", str(tmp_path / "nope")], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "no such path" in res.stderr

@@ -1,0 +1,118 @@
+"""The runner end to end, in subprocesses, as a user runs it (issue 3: acceptance 2, 4, 5, 6)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, run_train
+
+SPEC_FIELDS = {
+    "status", "dataset", "model", "strategy", "strategy_config", "batch_size", "epochs", "steps", "seed",
+    "device", "test_acc", "best_test_acc", "train_loss", "activation_bytes", "activation_bytes_exact",
+    "activation_ratio", "peak_memory_bytes", "peak_rss_bytes", "throughput_img_s", "wall_time_s", "versions",
+    "git_commit",
+}
+METRIC_FIELDS = {"epoch", "step", "split", "loss", "acc", "lr", "img_per_s", "time"}
+
+
+def test_smoke_run_writes_complete_summary(tmp_path):
+    res = run_train("dataset=synthetic", "model=resnet20", "strategy=exact", "trainer.max_steps=5", "logger=none",
+                    run_dir=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert SPEC_FIELDS <= summary.keys()
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 5 and summary["epochs"] == 1
+    assert summary["device"] == "cpu" and summary["peak_memory_bytes"] is None
+    assert summary["activation_bytes"] == summary["activation_bytes_exact"] > 0
+    assert summary["activation_ratio"] == 1.0
+    assert summary["peak_rss_bytes"] > summary["activation_bytes"]
+    assert summary["throughput_img_s"] > 0 and 0 <= summary["test_acc"] <= 100
+    assert set(summary["versions"]) == {"python", "torch", "triton", "actmem"}
+    assert summary["strategy_config"] == {"name": "exact"}
+    assert (tmp_path / ".hydra" / "config.yaml").exists() and (tmp_path / "checkpoint.pt").exists()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in records} == {"train", "test"}
+    assert all(METRIC_FIELDS <= r.keys() for r in records)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model=nosuch", ["nosuch", "resnet20", "vit_tiny"]),
+    ("strategy=nosuch", ["nosuch", "checkpoint", "exact"]),
+    ("trainer.batch_size=-1", ["trainer.batch_size=-1", "positive"]),
+    ("trainer.batch_size=abc", ["batch_size", "abc"]),
+    ("trainer.nosuchkey=1", ["nosuchkey"]),
+    ("dataset.root=/nonexistent/cifar", ["/nonexistent/cifar", "make data"]),
+    ("trainer.amp=fp8", ["fp8", "bf16"]),
+])
+def test_bad_input_fails_with_one_paragraph(tmp_path, override, words):
+    res = run_train("model=resnet20", "trainer.max_steps=1", "logger=none", override, run_dir=tmp_path)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    for w in words:
+        assert w in res.stderr, res.stderr
+
+
+def test_cifar10_resnet20_learns(tmp_path, cifar10_root):
+    """A few hundred steps on a real CIFAR-10 subset beat chance (10%) clearly."""
+    res = run_train("dataset=cifar10", f"dataset.root={cifar10_root}", "dataset.train_subset=10000",
+                    "dataset.test_subset=2000", "model=resnet20", "trainer.batch_size=64", "trainer.epochs=2",
+                    "optim.lr=0.05", "logger=none", run_dir=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 * (10000 // 64)
+    assert summary["test_acc"] > 35.0, summary
+
+
+def test_imagenet_path_runs_resnet50_on_imagenette(tmp_path, imagenette_root):
+    res = run_train("dataset=imagenet", f"dataset.root={imagenette_root}", "dataset.image_size=64",
+                    "dataset.test_subset=64", "dataset.workers=2", "model=resnet50", "trainer.batch_size=16",
+                    "trainer.max_steps=3", "logger=none", run_dir=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3 and summary["dataset"] == "imagenet"
+
+
+def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+    overrides = ["dataset=synthetic", "dataset.train_size=1024", "dataset.test_size=64", "model=resnet20",
+                 "trainer.batch_size=32", "trainer.epochs=3", "logger=jsonl", "logger.log_every=1",
+                 "trainer.measure_activations=false"]
+    cmd = [sys.executable, "-m", "actmem.train", f"hydra.run.dir={tmp_path}", "trainer.progress=false", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 300
+    # Wait until the first epoch is checkpointed and the second is half done, then kill it hard.
+    while time.time() < deadline:
+        if (tmp_path / "checkpoint.pt").exists() and metrics.exists():
+            records = [json.loads(line) for line in metrics.read_text().splitlines()]
+            if any(r["epoch"] == 1 and r["step"] >= 48 for r in records):
+                break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "running"
+
+    res = run_train(*overrides, run_dir=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "Resuming from" in res.stdout and "1 epoch(s), 32 step(s) done" in res.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 3 and summary["steps"] == 96
+    assert SPEC_FIELDS <= summary.keys() and summary["test_acc"] is not None
+
+
+def test_multirun_gives_each_run_its_own_directory(tmp_path):
+    cmd = [sys.executable, "-m", "actmem.train", "-m", f"hydra.sweep.dir={tmp_path}", "trainer.progress=false",
+           "dataset=synthetic", "model=resnet20", "trainer.max_steps=2", "logger=none", "strategy=exact,checkpoint"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    summaries = sorted(tmp_path.rglob("summary.json"))
+    assert [s.parent.name for s in summaries] == ["strategy=checkpoint", "strategy=exact"]
+    ratio = json.loads(summaries[0].read_text())["activation_ratio"]
+    assert ratio > 1.0
