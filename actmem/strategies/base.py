@@ -42,15 +42,22 @@ def apply(model: nn.Module, name_or_cfg, **overrides) -> nn.Module:
     return STRATEGIES.get(cfg.name).fn(model, cfg)
 
 
+class Claimed:
+    """Mixin for every module a strategy puts in place. Later strategies (combo's later parts) leave a
+    claimed module, and everything inside it, alone."""
+
+
 def replace_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
                     make: Callable[[nn.Module], nn.Module]) -> list[str]:
     """Swap every module chosen by `select(name, module)` for `make(module)`, outermost first (a chosen
-    module's children are not visited). Returns the qualified names replaced."""
+    module's children are not visited; claimed modules are skipped whole). Returns the names replaced."""
     replaced = []
 
     def visit(parent: nn.Module, prefix: str):
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}{child_name}"
+            if isinstance(child, Claimed):
+                continue
             if select(name, child):
                 setattr(parent, child_name, make(child))
                 replaced.append(name)

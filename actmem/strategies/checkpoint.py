@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from actmem import models
 from actmem.errors import StrategyError
-from actmem.strategies.base import STRATEGIES, replace_modules
+from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
 
 GRANULARITIES = ("block", "stage")
 
@@ -57,7 +57,7 @@ def frozen_batchnorm_stats(module: nn.Module):
             m.num_batches_tracked.copy_(count)
 
 
-class Checkpointed(nn.Module):
+class Checkpointed(Claimed, nn.Module):
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
