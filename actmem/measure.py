@@ -27,8 +27,13 @@ def _module_scope(model: nn.Module):
     """Track which module is running, so each saved tensor can be charged to a layer."""
     stack = ["(outside)"]
     names = {m: n or "(model)" for n, m in model.named_modules()}
-    pre = lambda m, args: stack.append(names[m])  # noqa: E731
-    post = lambda m, args, out: stack.pop()  # noqa: E731
+
+    def pre(module, args):
+        stack.append(names[module])
+
+    def post(module, args, out):
+        stack.pop()  # returns nothing: a forward hook's return value would replace the output
+
     handles = [h for m in names for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
     try:
         yield stack

@@ -1,16 +1,11 @@
 """Fixtures shared by the whole suite: where the repo, the shared data and the real datasets are."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("ACTMEM_SHARED_DATA", REPO.parent / "shared" / "data"))
+from helpers import REPO, SHARED_DATA
 
 
 def _real_dataset(name: str, tarball: str, tmp_path_factory) -> Path:
@@ -35,10 +30,3 @@ def cifar10_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def imagenette_root(tmp_path_factory) -> Path:
     return _real_dataset("imagenette", "imagenette-160.tar.gz", tmp_path_factory)
-
-
-def run_train(*overrides: str, run_dir: Path, timeout: float = 600, env: dict | None = None):
-    """`python -m actmem.train` in a subprocess, its run directory pinned to `run_dir`."""
-    cmd = [sys.executable, "-m", "actmem.train", f"hydra.run.dir={run_dir}", "trainer.progress=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})

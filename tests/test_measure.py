@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from conftest import REPO
+from helpers import REPO
 
 from actmem import models, strategies
 from actmem.measure import Throughput, activation_bytes, saved_bytes_by_module

@@ -1,0 +1,182 @@
+"""Entry point: `python -m actmem.train [hydra overrides]` (SPEC.md: CLI and run directory)."""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+import torch.nn as nn
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from actmem import data, models, resume, strategies
+from actmem.config import register_configs, validate
+from actmem.engine import Precision, evaluate, train_epoch
+from actmem.errors import ActmemError, ConfigError
+from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes
+from actmem.optim import build_optimizer, build_scheduler
+from actmem.runlog import RunLog, git_commit, versions, write_json_atomic
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+register_configs()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu (or auto).")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+class Summary:
+    """summary.json: written with status "running" at start, rewritten atomically as the run goes."""
+
+    def __init__(self, run_dir: Path, cfg: DictConfig):
+        self.path = run_dir / "summary.json"
+        self.fields = {
+            "status": "running", "dataset": cfg.dataset.name, "model": cfg.model.name,
+            "strategy": cfg.strategy.name,
+            "strategy_config": OmegaConf.to_container(cfg.strategy, resolve=True),
+            "batch_size": cfg.trainer.batch_size, "epochs": 0, "steps": 0, "seed": cfg.seed, "device": None,
+            "test_acc": None, "best_test_acc": None, "train_loss": None,
+            "activation_bytes": None, "activation_bytes_exact": None, "activation_ratio": None,
+            "peak_memory_bytes": None, "peak_rss_bytes": None, "throughput_img_s": None,
+            "wall_time_s": None, "versions": versions(), "git_commit": git_commit(),
+        }
+        self.write()
+
+    def update(self, **fields) -> None:
+        self.fields.update(fields)
+        self.write()
+
+    def write(self) -> None:
+        write_json_atomic(self.path, self.fields)
+
+
+def measure_activations(model: nn.Module, batch, precision: Precision) -> int:
+    x = precision.prepare(batch[0])
+    return activation_bytes(model, x, autocast_dtype=precision.dtype)
+
+
+def run(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
+    t_start = time.perf_counter()
+    validate(cfg)
+    trainer = cfg.trainer
+    device = resolve_device(trainer.device)
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
+    seed_everything(cfg.seed, trainer.deterministic)
+    strategy_cfg = strategies.resolve(cfg.strategy)
+    bundle = data.build(cfg.dataset, batch_size=trainer.batch_size, device=device, seed=cfg.seed)
+    model = models.build(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.kwargs).to(device)
+    precision = Precision.build(trainer.amp, device, trainer.channels_last)
+    if trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    summary.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+
+    probe = next(iter(bundle.train)) if trainer.measure_activations else None
+    exact_bytes = measure_activations(model, probe, precision) if probe else None
+    model = strategies.apply(model, strategy_cfg)
+    strategy_bytes = measure_activations(model, probe, precision) if probe else None
+    summary.update(activation_bytes=strategy_bytes, activation_bytes_exact=exact_bytes,
+                   activation_ratio=exact_bytes / strategy_bytes if probe and strategy_bytes else None)
+    del probe
+
+    steps_per_epoch = len(bundle.train)
+    total_steps = trainer.epochs * steps_per_epoch
+    if trainer.max_steps is not None:
+        total_steps = min(total_steps, trainer.max_steps)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, cfg.optim)
+    train_loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
+    test_loss_fn = nn.CrossEntropyLoss()
+
+    state = resume.load(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=precision.scaler, device=device)
+    start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
+    progress = state["progress"] if state else {"best_test_acc": None, "test_acc": None, "train_loss": None}
+    if state:
+        print(f"Resuming from {run_dir / resume.NAME}: {start_epoch} epoch(s), {step} step(s) done.", flush=True)
+
+    runlog = RunLog(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
+    # Short runs (smoke tests) still get a figure: at least the last two steps are timed.
+    meter = Throughput(device, min(trainer.warmup_steps, max(total_steps - step - 2, 0)))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    epochs_done = start_epoch
+    try:
+        for epoch in range(start_epoch, trainer.epochs):
+            if step >= total_steps:
+                break
+            bundle.train.set_epoch(epoch)
+            result = train_epoch(model, bundle.train, optimizer, scheduler, train_loss_fn, precision, meter,
+                                 epoch=epoch, step=step, max_steps=total_steps, runlog=runlog,
+                                 progress=trainer.progress)
+            step = result.step
+            test_loss, test_acc = evaluate(model, bundle.test, test_loss_fn, precision, trainer.progress)
+            now = time.time()
+            runlog.log({"epoch": epoch, "step": step, "split": "train", "loss": result.loss, "acc": result.acc,
+                        "lr": scheduler.get_last_lr()[0], "img_per_s": result.img_per_s, "time": now})
+            runlog.log({"epoch": epoch, "step": step, "split": "test", "loss": test_loss, "acc": test_acc,
+                        "lr": scheduler.get_last_lr()[0], "img_per_s": None, "time": now})
+            best = max(test_acc, progress["best_test_acc"] or 0.0)
+            progress = {"best_test_acc": best, "test_acc": test_acc, "train_loss": result.loss}
+            print(f"epoch {epoch}: train loss {result.loss:.4f} acc {result.acc:.2f}% | test loss {test_loss:.4f} "
+                  f"acc {test_acc:.2f}% | {result.img_per_s:.0f} img/s", flush=True)
+            resume.save(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
+                        epoch=epoch + 1, step=step, progress=progress)
+            epochs_done = epoch + 1
+            summary.update(epochs=epochs_done, steps=step, **progress)
+    finally:
+        runlog.close()
+    summary.update(status="completed", epochs=epochs_done, steps=step,
+                   **progress, peak_memory_bytes=peak_gpu_bytes(device), peak_rss_bytes=peak_rss_bytes(),
+                   throughput_img_s=meter.img_per_s, wall_time_s=time.perf_counter() - t_start)
+
+
+def _paragraph(text: str) -> str:
+    return textwrap.fill(" ".join(str(text).split()), width=100)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = Summary(run_dir, cfg)
+    try:
+        run(cfg, run_dir, summary)
+    except ActmemError as e:
+        summary.update(status="failed", error=str(e))
+        if cfg.debug:
+            raise
+        print(_paragraph(f"Error: {e}"), file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # a failed run: record it, say what broke, keep the traceback behind debug=true
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        if cfg.debug:
+            raise
+        print(_paragraph(f"Run failed: {type(e).__name__}: {e}. The run directory {run_dir} keeps the "
+                         "last checkpoint; run again with debug=true for the traceback."), file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
