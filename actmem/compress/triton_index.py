@@ -1,0 +1,142 @@
+"""Triton kernels for index codes (masks, argmax indices, few-bit buckets), and the helpers that the
+other kernels of this package share: tile packers for the "bit planes of 8" layout of packing.py and
+a rounding cast to bf16.
+
+A program handles G groups of 8 consecutive codes as a [G, 8] tile; group g becomes BITS bytes at
+byte offset g * BITS, byte j holding bit j of code k at bit position k.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+GROUPS = 256  # groups of 8 codes per program: 2048 elements
+
+
+@triton.jit
+def pack_tile(q, PLANES: tl.constexpr):
+    """[G, 8] int32 codes -> [G, PLANES] int32 bytes (plane j: bit j of the 8 codes)."""
+    planes = tl.arange(0, PLANES)
+    shifts = tl.arange(0, 8)
+    bits = (q[:, None, :] >> planes[None, :, None]) & 1
+    return tl.sum(bits << shifts[None, None, :], axis=2)
+
+
+@triton.jit
+def unpack_tile(b, PLANES: tl.constexpr):
+    """[G, PLANES] int32 bytes (planes past the code width loaded as 0) -> [G, 8] int32 codes."""
+    planes = tl.arange(0, PLANES)
+    shifts = tl.arange(0, 8)
+    bits = (b[:, :, None] >> shifts[None, None, :]) & 1
+    return tl.sum(bits << planes[None, :, None], axis=1)
+
+
+@triton.jit
+def store_packed(out_ptr, group, offs, q, n, BITS: tl.constexpr, PLANES: tl.constexpr):
+    """Store the [G, 8] codes q of elements `offs` (groups `group`, [G]) of n into the packed bytes
+    at out_ptr; codes past n are written as 0, as packing.py pads."""
+    planes = tl.arange(0, PLANES)
+    q = tl.where(offs < n, q, 0)
+    mask = (group * 8 < n)[:, None] & (planes < BITS)[None, :]
+    tl.store(out_ptr + group[:, None] * BITS + planes[None, :], pack_tile(q, PLANES).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def load_packed(codes_ptr, group, n, BITS: tl.constexpr, PLANES: tl.constexpr):
+    """The [G, 8] int32 codes of groups `group` ([G]) of n codes from the packed bytes at codes_ptr."""
+    planes = tl.arange(0, PLANES)
+    mask = (group * 8 < n)[:, None] & (planes < BITS)[None, :]
+    b = tl.load(codes_ptr + group[:, None] * BITS + planes[None, :], mask=mask, other=0)
+    return unpack_tile(b.to(tl.int32), PLANES)
+
+
+@triton.jit
+def cast_rne(x, dtype: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even. bf16 is rounded by hand: the Triton interpreter
+    truncates in `.to(tl.bfloat16)`, the GPU rounds; the integer rounding here is the same on both."""
+    if dtype == tl.bfloat16:
+        i = x.to(tl.int32, bitcast=True)
+        i = (i + (0x7FFF + ((i >> 16) & 1))) & -65536
+        return i.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    return x.to(dtype)
+
+
+@triton.jit
+def tile_offsets(G: tl.constexpr):
+    """This program's group indices [G] and element offsets [G, 8] (int64)."""
+    group = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    return group, group[:, None] * 8 + tl.arange(0, 8)[None, :]
+
+
+@triton.jit
+def _pack_kernel(src_ptr, out_ptr, n, BITS: tl.constexpr, PLANES: tl.constexpr,
+                 G: tl.constexpr):
+    group, offs = tile_offsets(G)
+    q = tl.load(src_ptr + offs, mask=offs < n, other=0).to(tl.int32)
+    store_packed(out_ptr, group, offs, q, n, BITS, PLANES)
+
+
+@triton.jit
+def _unpack_kernel(codes_ptr, out_ptr, n, BITS: tl.constexpr, PLANES: tl.constexpr,
+                   G: tl.constexpr):
+    group, offs = tile_offsets(G)
+    q = load_packed(codes_ptr, group, n, BITS, PLANES)
+    tl.store(out_ptr + offs, q.to(tl.uint8), mask=offs < n)
+
+
+@triton.jit
+def _bucketize_kernel(x_ptr, borders_ptr, out_ptr, n, BITS: tl.constexpr,
+                      PLANES: tl.constexpr, WIDE: tl.constexpr, G: tl.constexpr):
+    group, offs = tile_offsets(G)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    x = x.to(tl.float64) if WIDE else x.to(tl.float32)
+    # Binary search for the first border >= x (torch.bucketize, right=False): after BITS halvings
+    # q = #{i : not (borders[i] >= x)}, which sends NaN past the last border as torch does.
+    q = tl.zeros(x.shape, tl.int32)
+    for level in tl.static_range(BITS):
+        step = 1 << (BITS - 1 - level)
+        border = tl.load(borders_ptr + q + (step - 1))
+        q = tl.where(border >= x, q, q + step)
+    store_packed(out_ptr, group, offs, q, n, BITS, PLANES)
+
+
+@triton.jit
+def _lookup_mul_kernel(codes_ptr, levels_ptr, grad_ptr, out_ptr, n, BITS: tl.constexpr,
+                       PLANES: tl.constexpr, WIDE: tl.constexpr, G: tl.constexpr):
+    group, offs = tile_offsets(G)
+    q = load_packed(codes_ptr, group, n, BITS, PLANES)
+    level = tl.load(levels_ptr + q)  # levels already in grad's dtype
+    g = tl.load(grad_ptr + offs, mask=offs < n, other=0.0)
+    # fp16/bf16 products are exact in fp32, so rounding once gives the product in grad's dtype.
+    acc = tl.float64 if WIDE else tl.float32
+    tl.store(out_ptr + offs, cast_rne(level.to(acc) * g.to(acc), g.dtype), mask=offs < n)
+
+
+def launch(kernel, n, bits, *args, **constexprs):
+    """Run an elementwise kernel over n codes, GROUPS groups of 8 per program. fp fusion is off so
+    that `a * b + c` rounds twice, as in the torch reference."""
+    if n:
+        kernel[(triton.cdiv(n, 8 * GROUPS),)](*args, n, BITS=bits, PLANES=triton.next_power_of_2(bits),
+                                              G=GROUPS, enable_fp_fusion=False, **constexprs)
+
+
+def pack(codes, bits, out):
+    """Pack the flat integer (or uint8-viewed bool) codes into `out` (uint8, bits * ceil(n / 8))."""
+    launch(_pack_kernel, codes.numel(), bits, codes, out)
+
+
+def unpack(codes, bits, out):
+    """Unpack into `out` (flat uint8 of n codes)."""
+    launch(_unpack_kernel, out.numel(), bits, codes, out)
+
+
+def bucketize(x, borders, bits, out):
+    """Bucket indices of flat x among `borders` (2**bits - 1 sorted values, already in the dtype that
+    x and the borders promote to), packed into `out`."""
+    launch(_bucketize_kernel, x.numel(), bits, x, borders, out, WIDE=borders.dtype == torch.float64)
+
+
+def lookup_mul(codes, bits, levels, grad, out):
+    """out = levels[code] * grad, elementwise over the flat grad (levels in grad's dtype)."""
+    launch(_lookup_mul_kernel, grad.numel(), bits, codes, levels, grad, out, WIDE=grad.dtype == torch.float64)
