@@ -1,0 +1,142 @@
+"""DIVISION's low/high-frequency split (Wang et al., arXiv 2208.04187; official code
+guanchuwang/division, fdmp/fdmp.py `FDMP_.fdmp` / `de_fdmp`), layout "split".
+
+An activation is kept as its low-frequency part, block means in bf16, plus its high-frequency part,
+the residual, quantized at a few bits per (sample, channel):
+    lfc = avg_pool2d(x, k, stride=k)  (bf16);   hfc = x - nearest_upsample(lfc_bf16, size=(H, W))
+    decode = upsample(lfc) + dequant(hfc)
+Geometry, as in the official code:
+- window k = B along a dim of size >= B, else the whole dim (global pool when H < B or W < B; the
+  official code takes min(B, H) for both dims, the same thing on square maps);
+- H or W not divisible by k: the official floor-mode pooling, i.e. the last H % k rows (W % k
+  columns) belong to no block, and the nearest upsampling back to H x W uses torch's rule
+  `src = dst * Hp // H`, which for such sizes does not line blocks up with their pixels (28x28 at
+  B = 8: 3x3 means, row 9 reads mean row 0). The reconstruction stays exact up to the hfc step;
+  only the hfc range grows a little;
+- input [N, C, H, W]; [N, A, L] (Conv1d, or a Linear's [N, T, F]) is taken as [N, A, 1, L] and
+  [N, F] as [N, 1, 1, F]: the last dim is pooled in blocks of B and each row gets its own min/step,
+  as the official `fdmp1d` does for a Linear input. Planes of a single element (H·W = 1) are
+  stored, but take more bytes than the input (bf16 lfc + min/step): the official code keeps such
+  inputs uncompressed, and so should a strategy.
+hfc quantization: min and step per (sample, channel) stored in bf16, as the official code stores
+them; here the min is rounded down and the step up to bf16 before quantizing, so dequantization uses
+the very numbers quantization did (the official code quantizes with fp32 ones and decodes with their
+bf16 roundings, a small bias). Stochastic rounding `floor((hfc - min) / step + u)`, u ~ U[0, 1), is
+unbiased; `stochastic=False` rounds to nearest. Arithmetic in fp32 (an fp64 input is rounded to fp32
+first); the block sums in fp64, which makes them exact for all but extreme data and so the same in
+both backends. NaN or Inf in the input raise ActmemError.
+
+Packed: codes (each plane's H·W codes packed from a byte boundary: bits * ceil(H·W / 8) bytes per
+plane), meta = (lfc bf16 [P, Hp, Wp], stats bf16 [P, 2] = (min, step)); P = planes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from actmem.compress import triton_split
+from actmem.compress.backend import use_triton
+from actmem.compress.packed import Packed, register_layout
+from actmem.compress.packing import check_bits, pack_codes, unpack_codes
+from actmem.errors import ActmemError, ConfigError
+
+
+def split_geometry(shape: torch.Size, block: int) -> tuple[int, int, int, int, int]:
+    """(P, H, W, kh, kw): the input as P planes of H x W, pooled in kh x kw windows."""
+    if len(shape) == 4:
+        P, H, W = shape[0] * shape[1], shape[2], shape[3]
+    elif len(shape) == 3:
+        P, H, W = shape[0] * shape[1], 1, shape[2]
+    elif len(shape) == 2:
+        P, H, W = shape[0], 1, shape[1]
+    else:
+        raise ConfigError(f"split_quantize takes 2-D, 3-D or 4-D input ([N, F], [N, C, L], [N, C, H, W]), "
+                          f"got shape {tuple(shape)}.")
+    return P, H, W, max(1, min(block, H)), max(1, min(block, W))
+
+
+def _bf16_down(v: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the largest bf16 <= v, by clearing (or, below 0, carrying) the low 16 bits."""
+    i = v.view(torch.int32)
+    i = torch.where(i < 0, (i + 0xFFFF) & -65536, i & -65536)
+    return i.view(torch.float32).bfloat16()
+
+
+def _upsampled(lfc: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """nearest_upsample(lfc, size=(H, W)) in fp32: pixel (h, w) reads (h * Hp // H, w * Wp // W)."""
+    P, Hp, Wp = lfc.shape
+    rows = torch.arange(H, device=lfc.device) * Hp // H
+    cols = torch.arange(W, device=lfc.device) * Wp // W
+    return lfc.float().index_select(1, rows).index_select(2, cols)
+
+
+def _compress_reference(x, geometry, bits, stochastic, seed):
+    P, H, W, kh, kw = geometry
+    Hp, Wp = H // kh, W // kw
+    xv = x.reshape(P, H, W)
+    if x.dtype == torch.float64:
+        xv = xv.float()
+    blocks = xv[:, : Hp * kh, : Wp * kw].reshape(P, Hp, kh, Wp, kw)
+    lfc = blocks.sum((2, 4), dtype=torch.float64).div_(kh * kw).float().bfloat16()
+    up = _upsampled(lfc, H, W)
+    hfc = torch.sub(xv, up, out=up).view(P, H * W)
+    lo, hi = torch.aminmax(hfc, dim=1)
+    mn = _bf16_down(lo)
+    step = -_bf16_down(-(hi - mn.float()) * (1.0 / ((1 << bits) - 1)))
+    stats = torch.stack([mn, step], 1)
+    mn, step = mn.float()[:, None], step.float()[:, None]
+    t = hfc.sub_(mn).mul_(torch.where(step > 0, 1.0 / step, 0.0))
+    if stochastic:
+        gen = None if seed is None else torch.Generator(x.device).manual_seed(seed)
+        t += torch.rand(t.shape, generator=gen, device=x.device)
+    else:
+        t += 0.5
+    q = t.floor_().clamp_(0, (1 << bits) - 1).to(torch.uint8)
+    q = F.pad(q, (0, -(H * W) % 8))  # each plane starts on a byte boundary
+    return pack_codes(q, bits), lfc, stats
+
+
+def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: bool = True,
+                   seed: int | None = None) -> Packed:
+    """DIVISION's compressed copy of x (see the module doc). seed: for the stochastic rounding
+    (torch.Generator in the reference, Philox in Triton); None draws from torch's global RNG."""
+    bits = check_bits(bits)
+    if int(block) < 1:
+        raise ConfigError(f"split_quantize: block={block} must be a positive window size (DIVISION uses 8).")
+    if not x.is_floating_point():
+        raise ConfigError(f"split_quantize takes a floating-point tensor, got {x.dtype}.")
+    geometry = split_geometry(x.shape, int(block))
+    P, H, W, kh, kw = geometry
+    if use_triton(x) or not x.numel():
+        lfc = torch.empty((P, H // kh, W // kw), dtype=torch.bfloat16, device=x.device)
+        stats = torch.zeros((P, 2), dtype=torch.bfloat16, device=x.device)
+        codes = torch.empty(P * bits * -(-H * W // 8), dtype=torch.uint8, device=x.device)
+        if x.numel():
+            if stochastic and seed is None:
+                seed = int(torch.randint(2**31 - 1, ()))
+            triton_split.compress(x.contiguous(), lfc, stats, codes, seed or 0, geometry, bits, stochastic)
+    else:
+        codes, lfc, stats = _compress_reference(x, geometry, bits, stochastic, seed)
+    if not torch.isfinite(stats).all():
+        bad = int((~torch.isfinite(stats)).any(1).sum())
+        raise ActmemError(f"split_quantize: the input holds NaN or Inf ({bad} of its {P} planes); the "
+                          "forward pass has diverged: lower the learning rate or check the data.")
+    return Packed(codes, (lfc, stats), x.shape, x.dtype, bits, "split", {"block": int(block)})
+
+
+@register_layout("split")
+def split_dequantize(p: Packed) -> torch.Tensor:
+    """upsample(lfc) + dequant(hfc): shape, dtype and device of the input."""
+    geometry = split_geometry(p.shape, p.params["block"])
+    P, H, W, kh, kw = geometry
+    lfc, stats = p.meta
+    if use_triton(p.codes) or not p.shape.numel():
+        out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+        if out.numel():
+            triton_split.decompress(p.codes, lfc, stats, out, geometry, p.bits)
+        return out
+    q = unpack_codes(p.codes, p.bits, P * (H * W + -(H * W) % 8)).view(P, -1)[:, : H * W]
+    mn, step = stats.float().unbind(1)
+    v = q.float().mul_(step[:, None]).add_(mn[:, None]).view(P, H, W)
+    v += _upsampled(lfc, H, W)
+    return v.to(p.dtype).view(p.shape)
