@@ -1,17 +1,25 @@
-"""Dense b-bit code packing (b = 1..8), torch reference.
+"""Dense b-bit code packing (b = 1..8): the torch reference, dispatching to Triton (`use_triton`).
 
 Layout ("bit planes of 8"): codes are taken 8 at a time (the tail padded with zeros); each block of
 8 codes becomes b bytes, byte j holding bit j of code k at bit position k. So n codes take
 b * ceil(n / 8) bytes -- exactly b bits per code up to the last partial block -- and the same layout
 serves every width, which keeps the Triton kernels and this reference identical.
+
+Read a block as an 8x8 bit matrix, row k = code k = byte k of a little-endian int64 word and column
+j = bit j: its packed bytes are the first b rows of the transpose. The transpose is three rounds of
+shifts and masks on whole int64 words (Hacker's Delight, 7-3), its own inverse, and vectorises in
+torch: about 20x faster than splitting codes into one byte per bit and summing.
 """
 from __future__ import annotations
 
 import torch
 
+from actmem.compress import triton_index
+from actmem.compress.backend import use_triton
 from actmem.errors import ConfigError
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
+# (shift, mask): round r swaps the off-diagonal 2^r x 2^r sub-blocks of every 2^(r+1) x 2^(r+1) block.
+_ROUNDS = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
 
 
 def check_bits(bits: int, allowed=range(1, 9)) -> int:
@@ -25,27 +33,55 @@ def packed_numel(n: int, bits: int) -> int:
     return bits * ((n + 7) // 8)
 
 
+def transpose_blocks_(blocks: torch.Tensor) -> torch.Tensor:
+    """Transpose, in place, the 8x8 bit matrix of every 8-byte row of `blocks` (contiguous uint8 [B, 8])."""
+    x = blocks.view(torch.int64).view(-1)
+    t = torch.empty_like(x)
+    for shift, mask in _ROUNDS:
+        # t = bits that differ from their partner `shift` places up; flip both. The arithmetic shift's
+        # sign bits land outside every mask.
+        torch.bitwise_right_shift(x, shift, out=t)
+        t.bitwise_xor_(x).bitwise_and_(mask)
+        x.bitwise_xor_(t)
+        x.bitwise_xor_(t.bitwise_left_shift_(shift))
+    return blocks
+
+
+def pack_blocks_(blocks: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes already laid out as contiguous uint8 [B, 8] (overwritten) into 1-D uint8 [B * bits]
+    that owns its storage (so `Packed.nbytes` counts just these bytes)."""
+    planes = transpose_blocks_(blocks)[:, :bits]
+    if bits == 8:
+        return planes.view(-1)
+    out = torch.empty(planes.shape[0] * bits, dtype=torch.uint8, device=blocks.device)
+    out.view_as(planes).copy_(planes)
+    return out
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) (any shape, flattened) into a 1-D uint8 tensor."""
     check_bits(bits)
-    flat = codes.reshape(-1).to(torch.uint8)
+    flat = codes.reshape(-1)
     n = flat.numel()
-    pad = (-n) % 8
-    if pad:
-        flat = torch.nn.functional.pad(flat, (0, pad))
-    blocks = flat.view(-1, 1, 8)  # [blocks, 1, 8 codes]
-    planes = torch.arange(bits, dtype=torch.uint8, device=codes.device).view(1, bits, 1)
-    shifts = _SHIFTS.to(codes.device)
-    bitvals = ((blocks >> planes) & 1) << shifts  # [blocks, bits, 8]
-    return bitvals.sum(dim=2, dtype=torch.uint8).reshape(-1)
+    if use_triton(codes):
+        flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat
+        out = torch.empty(packed_numel(n, bits), dtype=torch.uint8, device=codes.device)
+        triton_index.pack(flat.contiguous(), bits, out)
+        return out
+    blocks = torch.empty((n + 7) // 8, 8, dtype=torch.uint8, device=codes.device)
+    blocks.view(-1)[:n] = flat
+    blocks.view(-1)[n:] = 0
+    return pack_blocks_(blocks, bits)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_codes: the first n codes as a 1-D uint8 tensor."""
     check_bits(bits)
-    planes_bytes = packed.view(-1, bits, 1)  # [blocks, bits, 1]
-    shifts = _SHIFTS.to(packed.device)
-    bitvals = (planes_bytes >> shifts) & 1  # [blocks, bits, 8 codes]
-    weights = (1 << torch.arange(bits, dtype=torch.uint8, device=packed.device)).view(1, bits, 1)
-    codes = (bitvals * weights).sum(dim=1, dtype=torch.uint8)  # [blocks, 8]
-    return codes.reshape(-1)[:n]
+    if use_triton(packed):
+        out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+        triton_index.unpack(packed, bits, out)
+        return out
+    planes = packed.view(-1, bits)
+    blocks = torch.zeros(planes.shape[0], 8, dtype=torch.uint8, device=packed.device)
+    blocks[:, :bits] = planes
+    return transpose_blocks_(blocks).view(-1)[:n]
