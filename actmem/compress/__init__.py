@@ -1,0 +1,11 @@
+"""actmem.compress: tensors in, packed tensors out; knows nothing of training.
+
+Every function dispatches on the tensor: Triton kernels on CUDA, the vectorised torch reference
+elsewhere; `ACTMEM_BACKEND=reference|triton` forces one (see backend.py).
+"""
+from actmem.compress.packed import Packed, decode, register_layout
+from actmem.compress.packing import pack_codes, packed_numel, unpack_codes
+from actmem.compress.quant import WIDTHS, dequantize, quantize
+
+__all__ = ["Packed", "WIDTHS", "decode", "dequantize", "pack_codes", "packed_numel", "quantize",
+           "register_layout", "unpack_codes"]
