@@ -113,6 +113,7 @@ def test_multirun_gives_each_run_its_own_directory(tmp_path):
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
     summaries = sorted(tmp_path.rglob("summary.json"))
-    assert [s.parent.name for s in summaries] == ["strategy=checkpoint", "strategy=exact"]
+    names = [s.parent.name for s in summaries]  # named after the overrides
+    assert names == [f"dataset=synthetic,model=resnet20,strategy={n},trainer.max_steps=2" for n in ("checkpoint", "exact")]
     ratio = json.loads(summaries[0].read_text())["activation_ratio"]
     assert ratio > 1.0
