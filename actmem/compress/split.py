@@ -10,9 +10,9 @@ Geometry, as in the official code:
   official code takes min(B, H) for both dims, the same thing on square maps);
 - H or W not divisible by k: the official floor-mode pooling, i.e. the last H % k rows (W % k
   columns) belong to no block, and the nearest upsampling back to H x W uses torch's rule
-  `src = dst * Hp // H`, which for such sizes does not line blocks up with their pixels (28x28 at
-  B = 8: 3x3 means, row 9 reads mean row 0). The reconstruction stays exact up to the hfc step;
-  only the hfc range grows a little;
+  `src = min(floor(dst * fl32(Hp / H)), Hp - 1)`, which for such sizes does not line blocks up with
+  their pixels (28x28 at B = 8: 3x3 means; rows 8 and 9, in block 1, read mean row 0). The
+  reconstruction stays exact up to the hfc step; only the hfc range grows a little;
 - input [N, C, H, W]; [N, A, L] (Conv1d, or a Linear's [N, T, F]) is taken as [N, A, 1, L] and
   [N, F] as [N, 1, 1, F]: the last dim is pooled in blocks of B and each row gets its own min/step,
   as the official `fdmp1d` does for a Linear input. Planes of a single element (H·W = 1) are
@@ -32,12 +32,12 @@ plane), meta = (lfc bf16 [P, Hp, Wp], stats bf16 [P, 2] = (min, step)); P = plan
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from actmem.compress import triton_split
 from actmem.compress.backend import use_triton
 from actmem.compress.packed import Packed, register_layout
-from actmem.compress.packing import check_bits, pack_codes, unpack_codes
+from actmem.compress.packing import check_bits, pack_blocks_, unpack_codes
+from actmem.compress.quant import SLAB
 from actmem.errors import ActmemError, ConfigError
 
 
@@ -62,38 +62,67 @@ def _bf16_down(v: torch.Tensor) -> torch.Tensor:
     return i.view(torch.float32).bfloat16()
 
 
-def _upsampled(lfc: torch.Tensor, H: int, W: int) -> torch.Tensor:
-    """nearest_upsample(lfc, size=(H, W)) in fp32: pixel (h, w) reads (h * Hp // H, w * Wp // W)."""
-    P, Hp, Wp = lfc.shape
-    rows = torch.arange(H, device=lfc.device) * Hp // H
-    cols = torch.arange(W, device=lfc.device) * Wp // W
-    return lfc.float().index_select(1, rows).index_select(2, cols)
+def nearest_scale(in_size: int, out_size: int) -> float:
+    """torch's nearest-upsampling scale, in_size / out_size rounded to fp32."""
+    return float(torch.tensor(in_size, dtype=torch.float32) / out_size)
+
+
+def _nearest_index(in_size: int, out_size: int, device) -> torch.Tensor:
+    """Source index of each output index under torch's rule (F.interpolate(mode="nearest"), the
+    official F.upsample_nearest): min(floor(dst * scale), in_size - 1), in fp32."""
+    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    return dst.mul_(nearest_scale(in_size, out_size)).floor_().clamp_max_(in_size - 1).long()
+
+
+def _upsample_index(geometry, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source row of every output row, source column of every output column."""
+    P, H, W, kh, kw = geometry
+    return _nearest_index(H // kh, H, device), _nearest_index(W // kw, W, device)
+
+
+def _upsampled(lfc: torch.Tensor, index) -> torch.Tensor:
+    """nearest_upsample(lfc) in fp32, columns first (the row gather then copies whole rows)."""
+    rows, cols = index
+    return lfc.float().index_select(2, cols).index_select(1, rows)
+
+
+def _scales(geometry) -> tuple[float, float]:
+    P, H, W, kh, kw = geometry
+    return nearest_scale(H // kh, H), nearest_scale(W // kw, W)
+
+
+def _compress_slab(xs, geometry, index, levels, gen):
+    """lfc, stats and the codes (fp32, integral after truncation) of a slab of planes [R, H, W]."""
+    P, H, W, kh, kw = geometry
+    R, Hp, Wp = xs.shape[0], H // kh, W // kw
+    xs = xs.float()  # (fp32 input: no copy)
+    blocks = xs[:, : Hp * kh, : Wp * kw].reshape(R, Hp, kh, Wp, kw)
+    lfc = blocks.sum((2, 4), dtype=torch.float64).div_(kh * kw).float().bfloat16()
+    up = _upsampled(lfc, index)
+    hfc = torch.sub(xs, up, out=up).view(R, H * W)
+    lo, hi = hfc.amin(1), hfc.amax(1)  # NaN propagates (3x faster than aminmax here)
+    mn = _bf16_down(lo)
+    step = -_bf16_down(-(hi - mn.float()) * (1.0 / levels))
+    m, st = mn.float()[:, None], step.float()[:, None]
+    t = hfc.sub_(m).mul_(torch.where(st > 0, 1.0 / st, 0.0))
+    t += 0.5 if gen is False else torch.rand(t.shape, generator=gen, device=t.device)
+    return t.clamp_(0, levels), lfc, torch.stack([mn, step], 1)
 
 
 def _compress_reference(x, geometry, bits, stochastic, seed):
+    """Slabs of about SLAB elements, so that the fp32/fp64 temporaries stay in cache."""
     P, H, W, kh, kw = geometry
-    Hp, Wp = H // kh, W // kw
     xv = x.reshape(P, H, W)
-    if x.dtype == torch.float64:
-        xv = xv.float()
-    blocks = xv[:, : Hp * kh, : Wp * kw].reshape(P, Hp, kh, Wp, kw)
-    lfc = blocks.sum((2, 4), dtype=torch.float64).div_(kh * kw).float().bfloat16()
-    up = _upsampled(lfc, H, W)
-    hfc = torch.sub(xv, up, out=up).view(P, H * W)
-    lo, hi = torch.aminmax(hfc, dim=1)
-    mn = _bf16_down(lo)
-    step = -_bf16_down(-(hi - mn.float()) * (1.0 / ((1 << bits) - 1)))
-    stats = torch.stack([mn, step], 1)
-    mn, step = mn.float()[:, None], step.float()[:, None]
-    t = hfc.sub_(mn).mul_(torch.where(step > 0, 1.0 / step, 0.0))
-    if stochastic:
-        gen = None if seed is None else torch.Generator(x.device).manual_seed(seed)
-        t += torch.rand(t.shape, generator=gen, device=x.device)
-    else:
-        t += 0.5
-    q = t.floor_().clamp_(0, (1 << bits) - 1).to(torch.uint8)
-    q = F.pad(q, (0, -(H * W) % 8))  # each plane starts on a byte boundary
-    return pack_codes(q, bits), lfc, stats
+    lfc = torch.empty((P, H // kh, W // kw), dtype=torch.bfloat16, device=x.device)
+    stats = torch.empty((P, 2), dtype=torch.bfloat16, device=x.device)
+    codes = torch.zeros((P, H * W + -(H * W) % 8), dtype=torch.uint8, device=x.device)  # planes padded to 8
+    gen = False if not stochastic else None if seed is None else torch.Generator(x.device).manual_seed(seed)
+    index = _upsample_index(geometry, x.device)
+    rows = max(1, SLAB // (H * W))
+    for r in range(0, P, rows):
+        s = slice(r, r + rows)
+        codes[s, : H * W], lfc[s], stats[s] = _compress_slab(xv[s], geometry, index, (1 << bits) - 1, gen)
+    return pack_blocks_(codes.view(-1, 8), bits), lfc, stats
 
 
 def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: bool = True,
@@ -114,7 +143,8 @@ def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: b
         if x.numel():
             if stochastic and seed is None:
                 seed = int(torch.randint(2**31 - 1, ()))
-            triton_split.compress(x.contiguous(), lfc, stats, codes, seed or 0, geometry, bits, stochastic)
+            triton_split.compress(x.contiguous(), lfc, stats, codes, seed or 0, geometry, _scales(geometry),
+                                  bits, stochastic)
     else:
         codes, lfc, stats = _compress_reference(x, geometry, bits, stochastic, seed)
     if not torch.isfinite(stats).all():
@@ -133,10 +163,15 @@ def split_dequantize(p: Packed) -> torch.Tensor:
     if use_triton(p.codes) or not p.shape.numel():
         out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
         if out.numel():
-            triton_split.decompress(p.codes, lfc, stats, out, geometry, p.bits)
+            triton_split.decompress(p.codes, lfc, stats, out, geometry, _scales(geometry), p.bits)
         return out
     q = unpack_codes(p.codes, p.bits, P * (H * W + -(H * W) % 8)).view(P, -1)[:, : H * W]
     mn, step = stats.float().unbind(1)
-    v = q.float().mul_(step[:, None]).add_(mn[:, None]).view(P, H, W)
-    v += _upsampled(lfc, H, W)
-    return v.to(p.dtype).view(p.shape)
+    out = torch.empty((P, H, W), dtype=p.dtype, device=p.device)
+    index = _upsample_index(geometry, p.device)
+    rows = max(1, SLAB // (H * W))
+    for r in range(0, P, rows):
+        s = slice(r, r + rows)
+        hfc = torch.mul(q[s], step[s, None]).add_(mn[s, None])
+        out[s] = hfc.view(-1, H, W).add_(_upsampled(lfc[s], index))
+    return out.view(p.shape)

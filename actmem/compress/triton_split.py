@@ -18,19 +18,19 @@ POOL_TILE = 2048  # elements of x per block-mean iteration
 
 
 @triton.jit
-def _upsampled(lfc_ptr, e, H, W, Hp, Wp):
-    """nearest_upsample(lfc) at the plane offsets e (fp32): the lfc pixel of (h, w) is
-    (h * Hp // H, w * Wp // W), torch's nearest rule for an output of H x W."""
-    h = e // W
-    w = e % W
-    return tl.load(lfc_ptr + (h * Hp // H) * Wp + w * Wp // W, mask=e < H * W, other=0.0).to(tl.float32)
+def _upsampled(lfc_ptr, e, H, W, Hp, Wp, sh, sw):
+    """nearest_upsample(lfc) at the plane offsets e (fp32), by torch's rule: the lfc pixel of (h, w)
+    is (min(floor(h * sh), Hp - 1), ...), sh = Hp / H in fp32 (split.nearest_scale)."""
+    h = tl.minimum(tl.floor((e // W).to(tl.float32) * sh).to(tl.int32), Hp - 1)
+    w = tl.minimum(tl.floor((e % W).to(tl.float32) * sw).to(tl.int32), Wp - 1)
+    return tl.load(lfc_ptr + h * Wp + w, mask=e < H * W, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _hfc(x_ptr, lfc_ptr, e, H, W, Hp, Wp):
+def _hfc(x_ptr, lfc_ptr, e, H, W, Hp, Wp, sh, sw):
     """x - nearest_upsample(lfc) at the plane offsets e (fp32)."""
     x = tl.load(x_ptr + e, mask=e < H * W, other=0.0).to(tl.float32)
-    return x - _upsampled(lfc_ptr, e, H, W, Hp, Wp)
+    return x - _upsampled(lfc_ptr, e, H, W, Hp, Wp, sh, sw)
 
 
 @triton.jit
@@ -42,7 +42,7 @@ def _bf16_down(v):
 
 
 @triton.jit
-def _compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, Hp, Wp,
+def _compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, Hp, Wp, sh, sw,
                      BITS: tl.constexpr, PLANES: tl.constexpr, STOCHASTIC: tl.constexpr,
                      BH: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr, G: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
@@ -71,7 +71,7 @@ def _compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, H
     nans = tl.zeros((G, 8), tl.int32)
     for e0 in range(0, HW, 8 * G):
         e = e0 + tile
-        hf = _hfc(x_ptr, lfc_ptr, e, H, W, Hp, Wp)
+        hf = _hfc(x_ptr, lfc_ptr, e, H, W, Hp, Wp, sh, sw)
         lo = tl.minimum(lo, tl.where(e < HW, hf, float("inf")))
         hi = tl.maximum(hi, tl.where(e < HW, hf, float("-inf")))
         nans += (hf != hf).to(tl.int32)
@@ -87,7 +87,7 @@ def _compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, H
     for e0 in range(0, HW, 8 * G):
         group = e0 // 8 + tl.arange(0, G)
         e = e0 + tile
-        t = (_hfc(x_ptr, lfc_ptr, e, H, W, Hp, Wp) - mn) * inv
+        t = (_hfc(x_ptr, lfc_ptr, e, H, W, Hp, Wp, sh, sw) - mn) * inv
         if STOCHASTIC:
             t += tl.rand(seed, p * (8 * tl.cdiv(HW, 8)) + e)
         else:
@@ -97,7 +97,7 @@ def _compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, H
 
 
 @triton.jit
-def _decompress_kernel(codes_ptr, lfc_ptr, stats_ptr, out_ptr, H, W, Hp, Wp,
+def _decompress_kernel(codes_ptr, lfc_ptr, stats_ptr, out_ptr, H, W, Hp, Wp, sh, sw,
                        BITS: tl.constexpr, PLANES: tl.constexpr, G: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     HW = H * W
@@ -106,25 +106,27 @@ def _decompress_kernel(codes_ptr, lfc_ptr, stats_ptr, out_ptr, H, W, Hp, Wp,
     q = load_packed(codes_ptr + p * (BITS * tl.cdiv(HW, 8)), group, HW, BITS, PLANES)
     mn = tl.load(stats_ptr + 2 * p).to(tl.float32)
     step = tl.load(stats_ptr + 2 * p + 1).to(tl.float32)
-    low = _upsampled(lfc_ptr + p * Hp * Wp, e, H, W, Hp, Wp)
+    low = _upsampled(lfc_ptr + p * Hp * Wp, e, H, W, Hp, Wp, sh, sw)
     v = low + (mn + q.to(tl.float32) * step)
     tl.store(out_ptr + p * HW + e, cast_rne(v, out_ptr.dtype.element_ty), mask=e < HW)
 
 
-def compress(x, lfc, stats, codes, seed, geometry, bits, stochastic):
-    """x: contiguous, P planes of H x W; fills lfc (bf16 [P, Hp, Wp]), stats (bf16 [P, 2]), codes."""
+def compress(x, lfc, stats, codes, seed, geometry, scales, bits, stochastic):
+    """x: contiguous, P planes of H x W; fills lfc (bf16 [P, Hp, Wp]), stats (bf16 [P, 2]), codes.
+    scales: torch's nearest-upsampling scales (Hp / H, Wp / W) in fp32."""
     P, H, W, kh, kw = geometry
+    sh, sw = scales
     Hp, Wp = H // kh, W // kw
     BH, BW = triton.next_power_of_2(kh), triton.next_power_of_2(kw)
     BJ = max(1, min(triton.next_power_of_2(Wp), POOL_TILE // (BH * BW)))
-    _compress_kernel[(P,)](x, lfc, stats, codes, seed, H, W, kh, kw, Hp, Wp, BITS=bits,
+    _compress_kernel[(P,)](x, lfc, stats, codes, seed, H, W, kh, kw, Hp, Wp, sh, sw, BITS=bits,
                            PLANES=triton.next_power_of_2(bits), STOCHASTIC=stochastic,
                            BH=BH, BJ=BJ, BW=BW, G=GROUPS, enable_fp_fusion=False)
 
 
-def decompress(codes, lfc, stats, out, geometry, bits):
+def decompress(codes, lfc, stats, out, geometry, scales, bits):
     """Fill out (P planes of H x W, the original dtype) with upsample(lfc) + dequant(hfc)."""
     P, H, W, kh, kw = geometry
     grid = (P, triton.cdiv(H * W, 8 * GROUPS))
-    _decompress_kernel[grid](codes, lfc, stats, out, H, W, H // kh, W // kw, BITS=bits,
+    _decompress_kernel[grid](codes, lfc, stats, out, H, W, H // kh, W // kw, *scales, BITS=bits,
                              PLANES=triton.next_power_of_2(bits), G=GROUPS, enable_fp_fusion=False)

@@ -9,13 +9,14 @@ import torch.nn.functional as F  # noqa: E402
 
 from actmem.compress.packed import decode  # noqa: E402
 from actmem.compress.packing import unpack_codes  # noqa: E402
-from actmem.compress.split import split_geometry, split_quantize  # noqa: E402
+from actmem.compress.split import _nearest_index, split_geometry, split_quantize  # noqa: E402
 from actmem.errors import ActmemError, ConfigError  # noqa: E402
 
 BACKENDS = ["reference", "triton"]
 # divisible by 8; 28x28: 3x3 means that the nearest upsampling does not line up; 7x7: global pool;
-# mixed; N = 1; a Linear's [N, F] and [N, T, F]; a single pixel
-SHAPES = [(2, 3, 16, 16), (1, 2, 28, 28), (2, 2, 7, 7), (2, 3, 9, 13), (3, 20), (2, 3, 17), (1, 1, 1, 1)]
+# mixed; N = 1; a Linear's [N, F] and [N, T, F]; a single pixel; 100 rows: fp32(12 / 100) < 0.12
+SHAPES = [(2, 3, 16, 16), (1, 2, 28, 28), (2, 2, 7, 7), (2, 3, 9, 13), (3, 20), (2, 3, 17), (1, 1, 1, 1),
+          (1, 1, 100, 20)]
 
 
 def on(backend, fn, *args, **kwargs):
@@ -78,6 +79,15 @@ def test_lfc_is_the_bf16_block_mean(shape):
     assert (kh, kw) == (min(8, H), min(8, W))
     mean = F.avg_pool2d(x.double().view(P, 1, H, W), (kh, kw)).float().bfloat16().view(P, H // kh, W // kw)
     assert torch.equal(p.meta[0], mean)
+
+
+@pytest.mark.parametrize("block", [3, 8])
+def test_upsampling_follows_torchs_nearest_rule(block):
+    for size in range(1, 230):
+        pooled = size // min(block, size)
+        src = torch.arange(pooled, dtype=torch.float32).view(1, 1, pooled)
+        expected = F.interpolate(src, size=size, mode="nearest").view(-1).long()
+        assert torch.equal(_nearest_index(pooled, size, "cpu"), expected), size
 
 
 def test_linear_input_is_pooled_along_its_last_dim():
