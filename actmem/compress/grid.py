@@ -30,7 +30,8 @@ import torch
 from actmem.compress import triton_grid
 from actmem.compress.backend import use_triton
 from actmem.compress.packed import Packed, register_layout
-from actmem.compress.packing import check_bits, pack_codes, packed_numel, unpack_codes
+from actmem.compress.packing import check_bits, pack_blocks_, packed_numel, unpack_codes
+from actmem.compress.quant import SLAB
 from actmem.errors import ConfigError
 
 
@@ -54,7 +55,7 @@ def grid_shift(center: torch.Tensor, bits: int) -> torch.Tensor:
 def _channels_view(x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 2:
         raise ConfigError(f"grid_quantize needs [N, C, ...] input, got shape {tuple(x.shape)}.")
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(x.shape[0], x.shape[1], x.shape[2:].numel())
 
 
 def grid_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
@@ -80,30 +81,54 @@ def grid_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bi
         triton_grid.quantize(xv.contiguous(), scale.contiguous(), offset.contiguous(), shift, bits, inv_step,
                              codes)
     else:
-        u = (xv.float() if x.dtype == torch.float64 else xv) * scale.view(1, C, 1)
-        u += offset.view(1, C, 1)
+        codes = _quantize_reference(xv, scale, offset, shift, bits, inv_step)
+    return Packed(codes, (shift,), x.shape, x.dtype, bits, "grid")
+
+
+def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
+    """Per-channel values [C] as a column over the N * C rows of [N * C, inner]."""
+    return t.repeat(N)[:, None]
+
+
+def _quantize_reference(xv, scale, offset, shift, bits, inv_step):
+    """Slabs of about SLAB elements, so that the fp32 temporaries stay in cache."""
+    N, C, inner = xv.shape
+    x2 = xv.reshape(N * C, inner)
+    if x2.dtype == torch.float64:
+        x2 = x2.float()
+    scale, offset, below = _rows(scale, N), _rows(offset, N), _rows(shift.float() - 1, N)
+    n = xv.numel()
+    codes = torch.zeros(n + -n % 8, dtype=torch.uint8, device=xv.device)
+    rows = max(1, SLAB // max(inner, 1))
+    for r in range(0, N * C, rows):
+        s = slice(r, r + rows)
+        u = torch.mul(x2[s], scale[s]).add_(offset[s])  # fp32: bf16/fp16 x promote
         positive = u > 0 if inv_step < 1 else None
         t = u.mul_(inv_step)
         if positive is not None:  # a tiny u > 0 whose u / Delta underflows must still land above 0
             t = torch.where(positive, t.clamp_min(torch.finfo(torch.float32).tiny), t)
-        t.ceil_().add_((shift.float() - 1).view(1, C, 1)).clamp_(0, (1 << bits) - 1)
-        codes = pack_codes(t.to(torch.uint8), bits)
-    return Packed(codes, (shift,), x.shape, x.dtype, bits, "grid")
+        codes[: n].view(N * C, inner)[s] = t.ceil_().add_(below[s]).clamp_(0, (1 << bits) - 1)
+    return pack_blocks_(codes.view(-1, 8), bits)
 
 
 def _decode(p: Packed, mask: bool) -> torch.Tensor:
     N, C = p.shape[0], p.shape[1]
+    inner = p.shape[2:].numel()
     (shift,) = p.meta
     if use_triton(p.codes):
-        out = torch.empty((N, C, p.shape.numel() // max(N * C, 1)), device=p.device,
-                          dtype=torch.uint8 if mask else p.dtype)
+        out = torch.empty((N, C, inner), device=p.device, dtype=torch.uint8 if mask else p.dtype)
         triton_grid.decode(p.codes, shift, p.bits, grid_step(p.bits), out, mask)
         return out.view(torch.bool).view(p.shape) if mask else out.view(p.shape)
-    q = unpack_codes(p.codes, p.bits, p.shape.numel()).view(N, C, -1)
+    q = unpack_codes(p.codes, p.bits, p.shape.numel()).view(N * C, inner)
     if mask:
-        return (q >= shift.view(1, C, 1)).view(p.shape)
-    u = q.float().sub_(shift.float().view(1, C, 1)).add_(0.5).mul_(grid_step(p.bits))
-    return u.to(p.dtype).view(p.shape)
+        return (q >= _rows(shift, N)).view(p.shape)
+    out = torch.empty(q.shape, dtype=p.dtype, device=p.device)
+    middle = _rows(shift.float() - 0.5, N)  # (code - shift + 0.5) * Delta, exact in fp32
+    rows = max(1, SLAB // max(inner, 1))
+    for r in range(0, N * C, rows):
+        s = slice(r, r + rows)
+        out[s] = torch.sub(q[s], middle[s]).mul_(grid_step(p.bits))
+    return out.view(p.shape)
 
 
 @register_layout("grid")

@@ -13,7 +13,8 @@ import torch
 from actmem.compress import triton_index
 from actmem.compress.backend import use_triton
 from actmem.compress.packed import Packed, register_layout
-from actmem.compress.packing import check_bits, pack_codes, packed_numel, unpack_codes
+from actmem.compress.packing import check_bits, pack_blocks_, pack_codes, packed_numel, unpack_codes
+from actmem.compress.quant import SLAB
 from actmem.errors import ConfigError
 
 
@@ -60,18 +61,23 @@ def _round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(low.to(values.dtype) > values, below, low)
 
 
-def _bucket_codes(x: torch.Tensor, borders: torch.Tensor) -> torch.Tensor:
-    """uint8 codes #{i : not borders[i] >= x} = len(borders) - #{i : x <= borders[i]}.
+def _bucketize_reference(x: torch.Tensor, borders: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed codes #{i : not borders[i] >= x} = len(borders) - #{i : x <= borders[i]}.
 
-    One comparison pass per border (at most 15), in x's own dtype: for x of that dtype,
-    x <= b exactly when x <= b rounded down to the dtype, so no widened copy of x is needed.
+    One comparison per border (at most 15) over slabs of SLAB elements that stay in cache, in x's
+    own dtype: for x of that dtype, x <= b exactly when x <= b rounded down to the dtype.
     """
-    count = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    below = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-    for border in _round_down(borders, x.dtype).tolist():
-        torch.le(x, border, out=below)
-        count += below.view(torch.uint8)
-    return count.neg_().add_(borders.numel())  # uint8 arithmetic: len - count, in [0, len]
+    flat = x.reshape(-1)
+    n = flat.numel()
+    codes = torch.zeros(n + -n % 8, dtype=torch.uint8, device=x.device)
+    below = torch.empty(min(n, SLAB), dtype=torch.bool, device=x.device)
+    lowered = _round_down(borders, x.dtype).tolist()
+    for r in range(0, n, SLAB):
+        xs, cs, bs = flat[r : r + SLAB], codes[r : min(r + SLAB, n)], below[: min(SLAB, n - r)]
+        cs.fill_(len(lowered))
+        for border in lowered:
+            cs -= torch.le(xs, border, out=bs).view(torch.uint8)
+    return pack_blocks_(codes.view(-1, 8), bits)
 
 
 def bucketize_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> Packed:
@@ -92,7 +98,7 @@ def bucketize_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> Packed:
         codes = torch.empty(packed_numel(x.numel(), bits), dtype=torch.uint8, device=x.device)
         triton_index.bucketize(x.reshape(-1).contiguous(), borders.contiguous(), bits, codes)
     else:
-        codes = pack_codes(_bucket_codes(x, borders), bits)
+        codes = _bucketize_reference(x, borders, bits)
     return Packed(codes, (), x.shape, torch.uint8, bits, "index")
 
 
@@ -118,4 +124,9 @@ def lookup_mul(p: Packed, levels: torch.Tensor, grad_out: torch.Tensor) -> torch
         triton_index.lookup_mul(p.codes, p.bits, levels.contiguous(), grad, out)
         return out
     codes = unpack_codes(p.codes, p.bits, p.shape.numel())
-    return torch.index_select(levels, 0, codes.int()).view(p.shape).mul_(grad_out)
+    grad = grad_out.reshape(-1)
+    out = torch.empty_like(grad)
+    for r in range(0, grad.numel(), SLAB):  # slabs that stay in cache
+        s = slice(r, r + SLAB)
+        torch.index_select(levels, 0, codes[s].int(), out=out[s]).mul_(grad[s])
+    return out.view(p.shape)

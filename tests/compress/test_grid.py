@@ -132,6 +132,14 @@ def test_deterministic_and_non_contiguous():
     assert torch.equal(on("triton", grid_quantize, xt, scale, offset, 4, center).codes, a.codes)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0)])
+def test_empty(backend, shape):
+    p = on(backend, grid_quantize, torch.randn(shape), torch.ones(3), torch.zeros(3), 4)
+    assert p.nbytes == 3  # just the shifts
+    assert on(backend, decode, p).shape == shape and on(backend, grid_positive, p).shape == shape
+
+
 def test_rejects_bad_shapes():
     with pytest.raises(ConfigError, match="scale has 2 values for 3 channels"):
         grid_quantize(torch.randn(2, 3, 4), torch.ones(2), torch.zeros(3), 4)
