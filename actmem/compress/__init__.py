@@ -3,6 +3,7 @@
 Every function dispatches on the tensor: Triton kernels on CUDA, the vectorised torch reference
 elsewhere; `ACTMEM_BACKEND=reference|triton` forces one (see backend.py).
 """
+from actmem.compress import grid, index, split  # noqa: F401  (their layouts register on import)
 from actmem.compress.packed import Packed, decode, register_layout
 from actmem.compress.packing import pack_codes, packed_numel, unpack_codes
 from actmem.compress.quant import WIDTHS, dequantize, quantize
