@@ -1,0 +1,41 @@
+"""Datasets: `build(cfg, ...)` -> DataBundle of train/test loaders whose batches are already on the device.
+
+One module per family registers its builder and config schema in DATASETS (the `dataset=` group).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from actmem.data import cifar, imagenet, synthetic  # noqa: F401  (register the families)
+from actmem.data.loader import DATASETS, DataBundle, DeviceLoader, TensorLoader
+from actmem.errors import ConfigError
+
+__all__ = ["DATASETS", "DataBundle", "DeviceLoader", "TensorLoader", "build"]
+
+
+def _fields(cfg) -> dict:
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    raise TypeError(f"dataset config must be a DictConfig, dict or dataclass, not {type(cfg).__name__}")
+
+
+def build(cfg, *, batch_size: int, device: torch.device | str, seed: int) -> DataBundle:
+    """The dataset `cfg.name` with the rest of cfg as its schema's fields (defaults for those left out)."""
+    fields = _fields(cfg)
+    entry = DATASETS.get(fields.get("name"))
+    known = {f.name for f in dataclasses.fields(entry.schema)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ConfigError(f"dataset={entry.name} has no setting {', '.join(unknown)}; "
+                          f"its settings are {', '.join(sorted(known))}.")
+    if batch_size < 1:
+        raise ConfigError(f"trainer.batch_size={batch_size}: it must be a positive integer, e.g. 128.")
+    return entry.fn(entry.schema(**fields), batch_size=batch_size, device=torch.device(device), seed=seed)

@@ -1,0 +1,203 @@
+"""CIFAR-10/100 from torchvision's binary format or an image-folder tree, held whole in memory as uint8.
+
+The image-folder tree (`train/<class>/*.jpg|png`, `test/<class>/*`; what `make data` unpacks) is decoded
+once into `root/actmem-cache-<split>.pt` (about 3 s for 60k JPEGs on 2 cores) and loaded from there
+afterwards, until the file list changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+from actmem.data.loader import DATASETS, balanced_subset, resolve_root, tensor_bundle, usable_cores
+from actmem.errors import ActmemError, DataNotFoundError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass(frozen=True)
+class Spec:
+    title: str
+    num_classes: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    folder: str  # torchvision's binary format: the folder its archive unpacks to
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    meta_file: str
+    names_key: str
+    torchvision_class: str
+    shared_note: str  # how `make data` relates to this dataset
+
+
+SPECS = {
+    "cifar10": Spec("CIFAR-10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cifar-10-batches-py",
+                    tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "labels", "batches.meta",
+                    "label_names", "CIFAR10", "run `make data` (unpacks ../shared/data/cifar10-jpg.tar.gz into "
+                    "data/cifar10)"),
+    "cifar100": Spec("CIFAR-100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), "cifar-100-python",
+                     ("train",), ("test",), "fine_labels", "meta", "fine_label_names", "CIFAR100",
+                     "`make data` cannot help here: ../shared/data has no CIFAR-100"),
+}
+
+
+@dataclass
+class CifarConfig:
+    name: str = "cifar10"
+    root: str = "data/cifar10"
+    download: bool = False  # fetch torchvision's binary format into root (needs network)
+    train_subset: int | None = None  # k class-balanced images from a fixed permutation; null: all
+    test_subset: int | None = None
+    augment: bool = True  # 4-pixel pad + random 32x32 crop, horizontal flip
+
+
+@dataclass
+class Cifar100Config(CifarConfig):
+    name: str = "cifar100"
+    root: str = "data/cifar100"
+
+
+def read_binary(folder: Path, spec: Spec):
+    """torchvision's pickles: rows of 3072 bytes (R, G, B planes of 32x32) and a label list."""
+
+    def load(name):
+        with open(folder / name, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+
+    def split(files):
+        blobs = [load(f) for f in files]
+        images = torch.from_numpy(np.concatenate([b["data"] for b in blobs])).view(-1, 3, 32, 32)
+        labels = torch.tensor([y for b in blobs for y in b[spec.label_key]], dtype=torch.long)
+        return images, labels
+
+    return split(spec.train_files), split(spec.test_files), list(load(spec.meta_file)[spec.names_key])
+
+
+def list_image_folder(split_dir: Path) -> tuple[list[str], list[str], list[int]]:
+    """Class folders sorted by name (-> label index) and their image files, as paths relative to split_dir."""
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        names = sorted(n for n in os.listdir(split_dir / c) if n.lower().endswith(IMAGE_SUFFIXES))
+        files += [f"{c}/{n}" for n in names]
+        labels += [label] * len(names)
+    return classes, files, labels
+
+
+def decode_chunk(paths: list[str]) -> torch.Tensor:
+    return torch.stack([decode_image(read_file(p), mode=ImageReadMode.RGB) for p in paths])
+
+
+def decode_files(paths: list[str], chunk: int = 1000) -> torch.Tensor:
+    """uint8 N x 3 x H x W of the images at `paths`, decoded by a pool of 2 processes per core: a cold
+    page cache leaves them waiting on the disk as much as decoding. Workers run torch single-threaded:
+    a forked child that enters the parent's OpenMP pool deadlocks."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(min(8, 2 * usable_cores()), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return torch.cat(pool.map(decode_chunk, [paths[i : i + chunk] for i in range(0, len(paths), chunk)]))
+
+
+def read_image_folder(split_dir: Path, cache: Path):
+    """(uint8 N x 3 x H x W images, int64 labels, class names) of one split, through the cache file."""
+    classes, files, labels = list_image_folder(split_dir)
+    if not files:
+        raise DataNotFoundError(f"{split_dir} holds no .jpg/.png images in class folders "
+                                f"({split_dir}/<class>/*.jpg); unpack the dataset again or fix dataset.root.")
+    key = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    if cache.exists():
+        try:
+            blob = torch.load(cache, weights_only=True)
+            if blob["key"] == key:
+                return blob["images"], blob["labels"], blob["classes"]
+        except Exception:  # a damaged or foreign cache file is rebuilt below
+            pass
+    try:
+        images = decode_files([str(split_dir / f) for f in files])
+    except RuntimeError as e:  # a corrupt file, or images of different sizes
+        raise ActmemError(f"Could not decode {split_dir} into one tensor ({e}). CIFAR images must all be "
+                          "readable 32x32 JPEG/PNG files: re-create the folder from the original dataset.") from e
+    blob = {"key": key, "images": images, "labels": torch.tensor(labels), "classes": classes}
+    save_atomic(blob, cache)
+    return blob["images"], blob["labels"], classes
+
+
+def save_atomic(obj, path: Path) -> None:
+    """Write to a temporary name beside `path`, then rename: readers never see half a file. A read-only
+    data folder just goes without a cache."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def download(root: Path, spec: Spec) -> None:
+    import torchvision.datasets
+
+    try:
+        getattr(torchvision.datasets, spec.torchvision_class)(str(root), train=True, download=True)
+    except Exception as e:  # no network, a proxy, a full disk: the user needs the cause, not a traceback
+        raise DataNotFoundError(f"dataset.download=true could not fetch {spec.title} into {root} ({e}). "
+                                f"Download it where there is network and copy {root / spec.folder} over, "
+                                "or point dataset.root=... at an existing copy.") from e
+
+
+def load(name: str, root: Path, allow_download: bool):
+    """((train images, labels), (test images, labels), class names) of cifar10 or cifar100 under root."""
+    spec = SPECS[name]
+    binary, folders = root / spec.folder, (root / "train", root / "test")
+    has_folders = all(d.is_dir() for d in folders)
+    if not binary.is_dir() and not has_folders and allow_download:
+        download(root, spec)
+    if binary.is_dir():
+        train, test, classes = read_binary(binary, spec)
+    elif has_folders:
+        *train, classes = read_image_folder(folders[0], root / "actmem-cache-train.pt")
+        *test, test_classes = read_image_folder(folders[1], root / "actmem-cache-test.pt")
+        if test_classes != classes:
+            raise ActmemError(f"{folders[0]} and {folders[1]} have different class folders; both must hold the "
+                              f"same {spec.num_classes}.")
+    else:
+        raise DataNotFoundError(
+            f"{spec.title} not found under {root}: expected torchvision's binary format ({binary}/) or the "
+            f"image-folder layout ({root}/train/<class>/*.jpg|png and {root}/test/<class>/*). To fix: "
+            f"{spec.shared_note}; or set dataset.download=true to fetch it with torchvision (needs network); "
+            "or point dataset.root=... at a copy.")
+    if len(classes) != spec.num_classes:
+        raise ActmemError(f"{root} holds {len(classes)} classes, but {spec.title} has {spec.num_classes}: "
+                          f"point dataset.root=... at {spec.title}, or pick the matching dataset=.")
+    return tuple(train), tuple(test), classes
+
+
+def build(name: str, cfg, *, batch_size: int, device: torch.device, seed: int):
+    spec = SPECS[name]
+    train, test, _ = load(name, resolve_root(cfg.root), cfg.download)
+    if cfg.train_subset is not None:
+        idx = balanced_subset(train[1], cfg.train_subset, "dataset.train_subset")
+        train = (train[0][idx], train[1][idx])
+    if cfg.test_subset is not None:
+        idx = balanced_subset(test[1], cfg.test_subset, "dataset.test_subset")
+        test = (test[0][idx], test[1][idx])
+    return tensor_bundle(train, test, num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
+                         augment=cfg.augment, batch_size=batch_size, device=device, seed=seed)
+
+
+@DATASETS.register("cifar10", schema=CifarConfig)
+def build_cifar10(cfg, *, batch_size: int, device: torch.device, seed: int):
+    return build("cifar10", cfg, batch_size=batch_size, device=device, seed=seed)
+
+
+@DATASETS.register("cifar100", schema=Cifar100Config)
+def build_cifar100(cfg, *, batch_size: int, device: torch.device, seed: int):
+    return build("cifar100", cfg, batch_size=batch_size, device=device, seed=seed)
