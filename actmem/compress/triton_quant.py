@@ -129,7 +129,7 @@ def _dequantize_kernel(codes_ptr, lo_ptr, step_ptr, out_ptr, width_ptr, base_ptr
     tl.store(out_ptr + offs, cast_rne(x, out_ptr.dtype.element_ty), mask=valid)
 
 
-def sample_offsets(widths: torch.Tensor, codes_per_sample: int) -> torch.Tensor:
+def _sample_offsets(widths: torch.Tensor, codes_per_sample: int) -> torch.Tensor:
     """Byte offset of each sample's packed codes when the samples are stored by ascending width
     (ties in sample order), the order of quant.py's reference."""
     order = torch.argsort(widths, stable=True)
@@ -153,9 +153,10 @@ def _launch(kernel, rows, group_size, widths, *args, **constexprs):
 
 
 def _width_args(widths, groups, group_size, dummy):
+    """The kernels' per-sample width and byte-offset tensors (placeholders when there is one width)."""
     if isinstance(widths, int):
         return dummy, dummy
-    return widths.to(torch.int32), sample_offsets(widths, groups * group_size)
+    return widths.to(torch.int32), _sample_offsets(widths, groups * group_size)
 
 
 def quantize(x2, widths, group_size, stochastic, seed, lo, step, codes):
