@@ -1,0 +1,385 @@
+"""Layers whose forward is the exact op and whose saved state is compressed: the parts ActNN and DIVISION
+(and any strategy that only changes what autograd keeps) are built from.
+
+- Conv1d/2d/3d, Linear (any rank), BatchNorm1d/2d/3d keep `codec.pack(input)`; backward rebuilds the
+  input with `codec.unpack` and runs the exact backward op on it (`convolution_backward`, the matmuls,
+  BatchNorm's own backward with the batch statistics of the forward). The gradient w.r.t. the input of
+  Conv/Linear does not need the input, so it is exact; only weight gradients (and BatchNorm's input
+  gradient, through x_hat) see the approximation.
+- ReLU and Dropout keep a 1-bit mask, MaxPool2d the argmax within each window (ceil(log2(k*k)) bits);
+  these are lossless, so their backward is exact.
+
+A *codec* is what a strategy chooses per layer: `pack(x) -> Packed`, `unpack(p) -> Tensor`, and
+`observe(grad_output)`, called in each backward (ActNN's adaptive bit allocation learns from it).
+Each swapped layer is an instance of a subclass of the original class, sharing its parameters, buffers
+and state_dict keys, so checkpoints load either way. Each Function saves only `packed.tensors()` with
+`save_for_backward` (what `actmem.measure` counts) and never the full-precision input. In eval mode,
+under no_grad, or when nothing needs a gradient, the original forward runs unchanged.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from actmem.compress.index import pack_index, pack_mask, unpack_index, unpack_mask
+from actmem.compress.packed import Packed, decode, register_layout
+from actmem.errors import StrategyError
+from actmem.strategies.base import Claimed, replace_modules
+
+
+class Codec:
+    """Base codec: subclasses define `pack`; `unpack` decodes by the Packed layout."""
+
+    def pack(self, x: torch.Tensor) -> Packed:
+        raise NotImplementedError
+
+    def unpack(self, p: Packed) -> torch.Tensor:
+        return decode(p)
+
+    def observe(self, grad_output: torch.Tensor) -> None:
+        """Called in backward with the layer's output gradient; stateless codecs ignore it."""
+
+
+@register_layout("raw")
+def _raw(p: Packed) -> torch.Tensor:
+    return p.codes.view(p.dtype).view(p.shape)
+
+
+def keep(x: torch.Tensor) -> Packed:
+    """x itself, uncompressed (layout "raw": its bytes viewed as uint8, no copy): for inputs a codec
+    would only enlarge."""
+    codes = x.detach().contiguous().view(-1).view(torch.uint8)
+    return Packed(codes, (), x.shape, x.dtype, 8 * x.element_size(), "raw")
+
+
+# --- saving a Packed through save_for_backward -------------------------------------------------------
+
+def _save(ctx, packed: Packed, *others: torch.Tensor | None) -> None:
+    """Save the packed tensors (and e.g. the weight) visibly; keep only the layout on ctx."""
+    ctx.layout = dataclasses.replace(packed, codes=None, meta=())
+    ctx.num_packed = len(packed.tensors())
+    ctx.save_for_backward(*packed.tensors(), *others)
+
+
+def _load(ctx) -> tuple[Packed, tuple]:
+    saved = ctx.saved_tensors
+    return ctx.layout.with_tensors(saved[: ctx.num_packed]), saved[ctx.num_packed:]
+
+
+def _autocast(*tensors):
+    """Cast to the autocast dtype, as autocast does for conv/linear, so that the Function sees (and
+    packs) what the exact op would have computed with; the casts' own backward restores fp32 grads."""
+    t0 = tensors[0]
+    if not torch.is_autocast_enabled(t0.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(t0.device.type)
+    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
+class _Swapped(Claimed):
+    """Mixin: build from an existing module, sharing its parameters, buffers and attributes."""
+
+    @classmethod
+    def swap(cls, module: nn.Module, codec: Codec | None = None):
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        new.codec = codec
+        return new
+
+    def _compress(self, x: torch.Tensor) -> bool:
+        """Save compressed state only when training and a gradient will be computed."""
+        return self.training and torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False)))
+
+
+# --- Conv --------------------------------------------------------------------------------------------
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class _ConvFn(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, codec, stride, padding, dilation, groups):
+        out = _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
+        _save(ctx, codec.pack(x), weight)
+        ctx.codec, ctx.shape, ctx.conv = codec, x.shape, (stride, padding, dilation, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.codec.observe(grad)
+        packed, (weight,) = _load(ctx)
+        x = ctx.codec.unpack(packed).reshape(ctx.shape)
+        stride, padding, dilation, groups = ctx.conv
+        mask = list(ctx.needs_input_grad[:3])
+        mask[2] = mask[2] and ctx.bias_shape is not None
+        gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias_shape, stride, padding,
+                                                         dilation, False, [0] * len(stride), groups, mask)
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple[int, ...]:
+    """Integer padding (what `convolution_backward` takes); 'same' only where it is symmetric."""
+    if m.padding_mode != "zeros" or m.padding == "valid":  # other modes pad with F.pad first
+        return (0,) * len(m.kernel_size)
+    if m.padding == "same":
+        total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(t % 2 for t in total):
+            raise StrategyError(f"{type(m).__name__}(padding='same') with an even kernel pads asymmetrically "
+                                "which the compressed layer does not reproduce; give integer padding.")
+        return tuple(t // 2 for t in total)
+    return tuple(m.padding)
+
+
+class _CompressedConv(_Swapped):
+    def forward(self, x):
+        if not self._compress(x):
+            return super().forward(x)
+        if self.padding_mode != "zeros":  # as nn.Conv's _conv_forward: pad first, then convolve unpadded
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        x, weight, bias = _autocast(x, self.weight, self.bias)
+        return _ConvFn.apply(x, weight, bias, self.codec, self.stride, _conv_padding(self), self.dilation,
+                             self.groups)
+
+
+class CompressedConv1d(_CompressedConv, nn.Conv1d):
+    pass
+
+
+class CompressedConv2d(_CompressedConv, nn.Conv2d):
+    pass
+
+
+class CompressedConv3d(_CompressedConv, nn.Conv3d):
+    pass
+
+
+# --- Linear ------------------------------------------------------------------------------------------
+
+class _LinearFn(Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, codec):
+        out = F.linear(x, weight, bias)
+        _save(ctx, codec.pack(x), weight)
+        ctx.codec, ctx.has_bias = codec, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.codec.observe(grad)
+        packed, (weight,) = _load(ctx)
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
+        if ctx.needs_input_grad[1]:
+            gw = grad2.t().mm(ctx.codec.unpack(packed).reshape(-1, weight.shape[1]))
+        else:
+            gw = None
+        gb = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+class CompressedLinear(_Swapped, nn.Linear):
+    def forward(self, x):
+        if not self._compress(x):
+            return super().forward(x)
+        return _LinearFn.apply(*_autocast(x, self.weight, self.bias), self.codec)
+
+
+# --- BatchNorm ---------------------------------------------------------------------------------------
+
+class _BatchNormFn(Function):
+    """Training-mode batch norm through the op F.batch_norm dispatches to (bit-identical output and
+    running-statistics update); backward uses the forward's batch mean / inverse std with x_hat."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, codec):
+        out, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
+            x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
+        _save(ctx, codec.pack(x), weight, mean, invstd, reserve)
+        ctx.codec, ctx.shape, ctx.impl, ctx.eps = codec, x.shape, impl, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.codec.observe(grad)
+        packed, (weight, mean, invstd, reserve) = _load(ctx)
+        x = ctx.codec.unpack(packed).reshape(ctx.shape).contiguous()
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                weight is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
+            ctx.impl, x, grad.contiguous(), weight, None, None, mean, invstd, True, ctx.eps, mask, reserve)
+        return gx, gw, gb, None, None, None, None, None
+
+
+class _CompressedBatchNorm(_Swapped):
+    def forward(self, x):
+        if not self._compress(x):
+            return super().forward(x)
+        self._check_input_dim(x)
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats and self.num_batches_tracked is not None:  # as _BatchNorm.forward
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
+        return _BatchNormFn.apply(x, self.weight, self.bias, *stats, momentum, self.eps, self.codec)
+
+
+class CompressedBatchNorm1d(_CompressedBatchNorm, nn.BatchNorm1d):
+    pass
+
+
+class CompressedBatchNorm2d(_CompressedBatchNorm, nn.BatchNorm2d):
+    pass
+
+
+class CompressedBatchNorm3d(_CompressedBatchNorm, nn.BatchNorm3d):
+    pass
+
+
+# --- lossless: ReLU / Dropout masks, max-pool index ------------------------------------------------------
+
+class _MaskFn(Function):
+    """Backward of an op whose derivative is `ctx.scale` where a 1-bit mask is set and 0 elsewhere."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, _ = _load(ctx)
+        scaled = grad if ctx.scale == 1 else grad * ctx.scale
+        return torch.where(unpack_mask(packed), scaled, 0), None, None
+
+
+class _ReLUFn(_MaskFn):
+    @staticmethod
+    def forward(ctx, x, inplace):
+        if inplace:
+            ctx.mark_dirty(x)
+        out = x.relu_() if inplace else torch.relu(x)
+        _save(ctx, pack_mask(out > 0))
+        ctx.scale = 1.0
+        return out
+
+
+class _DropoutFn(_MaskFn):
+    @staticmethod
+    def forward(ctx, x, p, inplace):
+        if inplace:
+            ctx.mark_dirty(x)
+        out, keep = dropout_noise(x, p, inplace)
+        _save(ctx, pack_mask(keep))
+        ctx.scale = 1.0 / (1.0 - p)
+        return out
+
+
+def dropout_noise(x: torch.Tensor, p: float, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, keep mask) of training-mode F.dropout(x, p, inplace=inplace), from the same random
+    numbers: torch's fused `native_dropout` where it uses it (out-of-place on CUDA/XPU), else its
+    `bernoulli_(1 - p) / (1 - p)` noise multiplied in."""
+    if not inplace and x.device.type in ("cuda", "xpu"):
+        return torch.native_dropout(x, p, True)
+    noise = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+    return (x.mul_(noise) if inplace else x * noise), noise != 0
+
+
+class MaskedReLU(_Swapped, nn.ReLU):
+    """ReLU keeping out > 0 as one bit per element."""
+
+    def forward(self, x):
+        if not self._compress(x):
+            return super().forward(x)
+        return _ReLUFn.apply(x, self.inplace)
+
+
+class MaskedDropout(_Swapped, nn.Dropout):
+    """Dropout keeping its keep-mask as one bit per element."""
+
+    def forward(self, x):
+        if not self._compress(x) or not 0 < self.p < 1 or x.numel() == 0:
+            return super().forward(x)
+        return _DropoutFn.apply(x, self.p, self.inplace)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _window_origin(out_hw, stride, padding, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row [OH, 1] and column [1, OW] of the top-left input position of each output's window."""
+    (oh, ow), (sh, sw), (ph, pw) = out_hw, stride, padding
+    rows = torch.arange(oh, device=device).mul_(sh).sub_(ph).view(oh, 1)
+    cols = torch.arange(ow, device=device).mul_(sw).sub_(pw).view(1, ow)
+    return rows, cols
+
+
+class _MaxPool2dFn(Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        out, index = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        (kh, kw), (dh, dw), width = kernel, dilation, x.shape[-1]
+        row0, col0 = _window_origin(out.shape[-2:], stride, padding, x.device)
+        krow = (index.div(width, rounding_mode="floor") - row0).div_(dh, rounding_mode="floor")
+        kcol = (index.remainder(width) - col0).div_(dw, rounding_mode="floor")
+        _save(ctx, pack_index(krow.mul_(kw).add_(kcol).to(torch.uint8), max(1, (kh * kw - 1).bit_length())))
+        ctx.geometry = (x.shape, kw, stride, padding, dilation)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, _ = _load(ctx)
+        shape, kw, stride, padding, (dh, dw) = ctx.geometry
+        local = unpack_index(packed).long()
+        row0, col0 = _window_origin(grad.shape[-2:], stride, padding, grad.device)
+        rows = local.div(kw, rounding_mode="floor").mul_(dh).add_(row0)
+        flat = rows.mul_(shape[-1]).add_(local.remainder(kw).mul_(dw)).add_(col0)
+        planes = grad.numel() // (grad.shape[-2] * grad.shape[-1])
+        gx = grad.new_zeros(planes, shape[-2] * shape[-1])
+        gx.scatter_add_(1, flat.reshape(planes, -1), grad.reshape(planes, -1))
+        return gx.view(shape), None, None, None, None, None
+
+
+class IndexedMaxPool2d(_Swapped, nn.MaxPool2d):
+    """Max pooling keeping the argmax's position inside its window (4 bits for 3x3) instead of the input."""
+
+    def forward(self, x):
+        if not self._compress(x) or self.return_indices:
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        return _MaxPool2dFn.apply(x, _pair(self.kernel_size), _pair(stride), _pair(self.padding),
+                                  _pair(self.dilation), self.ceil_mode)
+
+
+# --- what to swap --------------------------------------------------------------------------------------
+
+CONV_LINEAR = {nn.Conv1d: CompressedConv1d, nn.Conv2d: CompressedConv2d, nn.Conv3d: CompressedConv3d,
+               nn.Linear: CompressedLinear}
+BATCHNORM = {nn.BatchNorm1d: CompressedBatchNorm1d, nn.BatchNorm2d: CompressedBatchNorm2d,
+             nn.BatchNorm3d: CompressedBatchNorm3d}
+LOSSLESS = {nn.ReLU: MaskedReLU, nn.Dropout: MaskedDropout, nn.MaxPool2d: IndexedMaxPool2d}
+SWAPS = {**CONV_LINEAR, **BATCHNORM, **LOSSLESS}
+
+
+def swap_layers(model: nn.Module, codec_for: Callable[[str, nn.Module], Codec | None],
+                lossless: bool = True) -> list[str]:
+    """Swap each Conv/Linear/BatchNorm for which `codec_for(name, module)` gives a codec (None: leave
+    it exact) and, if `lossless`, each ReLU/Dropout/MaxPool2d. Types must match exactly (a subclass
+    may have its own forward: it is left alone); claimed modules are skipped. Returns the names swapped."""
+    codecs = {}
+
+    def select(name, m):
+        if type(m) in LOSSLESS:
+            codecs[id(m)] = None
+            return lossless
+        if type(m) not in SWAPS:
+            return False
+        codecs[id(m)] = codec = codec_for(name, m)
+        if codec is not None and isinstance(m, nn.modules.conv._ConvNd):
+            _conv_padding(m)  # refuse an asymmetric 'same' now, not in the first training step
+        return codec is not None
+
+    return replace_modules(model, select, lambda m: SWAPS[type(m)].swap(m, codecs[id(m)]))

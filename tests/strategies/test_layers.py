@@ -1,0 +1,157 @@
+"""The shared compressed layers: exact forward, exact backward given a lossless codec, the codec's
+output really used, and nothing but the packed state saved."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from actmem.compress.packed import Packed
+from actmem.measure import saved_bytes_by_module
+from actmem.strategies.layers import Codec, keep, swap_layers
+
+
+class KeepCodec(Codec):
+    """Lossless: keeps x uncompressed (so gradients must equal exact's); counts its calls."""
+
+    def __init__(self):
+        self.packed = self.observed = 0
+
+    def pack(self, x):
+        self.packed += 1
+        return keep(x)
+
+    def observe(self, grad_output):
+        self.observed += 1
+
+
+class ZeroCodec(Codec):
+    """Keeps nothing but the shape: backward sees x_hat = 0."""
+
+    def pack(self, x):
+        return Packed(torch.zeros(0, dtype=torch.uint8), (), x.shape, x.dtype, 0, "test-zero")
+
+    def unpack(self, p):
+        return torch.zeros(p.shape, dtype=p.dtype)
+
+
+def _swapped(model, codec):
+    twin = copy.deepcopy(model)
+    names = swap_layers(twin, lambda name, m: codec)
+    assert names, "nothing swapped"
+    return twin
+
+
+def _grads(model, x, seed=0):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    out = model(x)
+    torch.manual_seed(1)
+    out.backward(torch.randn_like(out))
+    return out, x.grad, {n: p.grad for n, p in model.named_parameters()}
+
+
+CASES = {
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 4, 3, padding=2, dilation=2, groups=4, bias=False)),
+               (4, 3, 11, 9)),
+    "conv1d_reflect": (lambda: nn.Sequential(nn.Conv1d(3, 6, 5, padding=2, padding_mode="reflect"),
+                                             nn.BatchNorm1d(6), nn.ReLU(inplace=True)), (3, 3, 17)),
+    "conv3d_same": (lambda: nn.Sequential(nn.Conv3d(2, 4, 3, padding="same"), nn.BatchNorm3d(4)),
+                    (2, 2, 5, 6, 7)),
+    "linear_rank3": (lambda: nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 5)),
+                     (3, 7, 12)),
+    "bn1d_no_affine_cumulative": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False,
+                                                                                         momentum=None)),
+                                  (9, 5)),
+    "maxpool": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(3, 2, 1)), (2, 3, 10, 11)),
+    "maxpool_ceil_dilated": (lambda: nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.MaxPool2d((2, 3), (2, 1), (1, 1), dilation=(2, 1), ceil_mode=True)),
+                             (2, 3, 9, 8)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lossless_codec_gives_exact_forward_gradients_and_stats(case):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    exact = make()
+    codec = KeepCodec()
+    twin = _swapped(exact, codec)
+    x = torch.randn(shape)
+    out_e, gx_e, g_e = _grads(exact, x)
+    out_c, gx_c, g_c = _grads(twin, x)
+    assert torch.equal(out_e, out_c)
+    torch.testing.assert_close(gx_c, gx_e, rtol=1e-5, atol=1e-6)
+    for n in g_e:
+        torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-5, atol=1e-6, msg=n)
+    for (n, be), bc in zip(exact.named_buffers(), twin.buffers()):
+        assert torch.equal(be, bc), n
+    assert codec.packed > 0 and codec.observed == codec.packed
+    assert twin.state_dict().keys() == exact.state_dict().keys()
+    exact.eval(), twin.eval()
+    assert torch.equal(exact(x), twin(x))
+
+
+def test_backward_uses_the_codec_output():
+    """With x_hat = 0 the weight gradient of a bias-free conv is zero, its input gradient still exact."""
+    torch.manual_seed(0)
+    exact = nn.Conv2d(3, 4, 3, bias=False)
+    twin = _swapped(nn.Sequential(exact), ZeroCodec())[0]
+    x = torch.randn(2, 3, 6, 6)
+    _, gx_e, _ = _grads(exact, x)
+    _, gx_c, g_c = _grads(twin, x)
+    assert torch.count_nonzero(g_c["weight"]) == 0
+    torch.testing.assert_close(gx_c, gx_e)
+
+
+def test_only_packed_state_is_saved():
+    """A codec that keeps nothing: BN keeps its per-channel mean/invstd, ReLU a 1-bit mask, the
+    max-pool a 4-bit index; no full-size tensor anywhere."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+              nn.Flatten(), nn.Linear(8 * 16 * 16, 10)]
+    model = _swapped(nn.Sequential(*layers), ZeroCodec())
+    x = torch.randn(4, 3, 32, 32)
+    saved = saved_bytes_by_module(model, x)
+    elements = 4 * 8 * 32 * 32
+    assert saved["2"] == elements // 8  # ReLU: 1 bit per element
+    assert saved["3"] == elements // 4 * 4 // 8  # 3x3 max-pool: 4 bits per output (a quarter of them)
+    assert saved["1"] == 2 * 8 * 4  # BN: mean and inverse std, fp32
+    assert "0" not in saved and "5" not in saved
+
+
+def test_plain_path_in_eval_and_no_grad():
+    codec = KeepCodec()
+    model = _swapped(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), codec)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        model(x)
+    model.eval()
+    model(x.requires_grad_())
+    assert codec.packed == 0
+
+
+def test_dropout_draws_the_same_random_numbers():
+    x = torch.randn(64, 100, requires_grad=True)
+    drop = nn.Dropout(0.4)
+    twin = _swapped(nn.Sequential(drop), KeepCodec())
+    torch.manual_seed(3)
+    out_e, after_e = drop(x), torch.rand(4)
+    torch.manual_seed(3)
+    out_c, after_c = twin(x), torch.rand(4)
+    assert torch.equal(out_e, out_c) and torch.equal(after_e, after_c)
+    out_c.backward(torch.ones_like(out_c))
+    kept = out_e != 0  # x has no zeros, so this is the keep mask
+    torch.testing.assert_close(x.grad, kept / 0.6)
+
+
+def test_subclass_and_claimed_modules_are_left_alone():
+    class MyConv(nn.Conv2d):
+        pass
+
+    model = nn.Sequential(MyConv(3, 3, 1), nn.Conv2d(3, 3, 1))
+    assert swap_layers(model, lambda n, m: KeepCodec()) == ["1"]
+    assert swap_layers(model, lambda n, m: KeepCodec()) == []  # already swapped: claimed
