@@ -1,0 +1,293 @@
+"""BLPA: BatchNorm -> ReLU -> Conv chains keep a K-bit code of the pre-activation and nothing else.
+
+After Chakrabarti & Moseley, "Backprop with Approximate Activations for Memory-efficient Network
+Training" (NeurIPS 2019), and the official TensorFlow code (ayanc/blpa, blpa/graph.py and quant.py).
+For every chain z = BN(x), y = ReLU(z), out = Conv(y) (y may feed several convs, e.g. a pre-activation
+block's conv1 and its projection shortcut, and anything that saves nothing, e.g. the residual add),
+autograd keeps only
+- the K-bit code (K = 4 or 8) of u = z / |gamma| on the fixed grid of `compress.grid` (step 6 / 2**K
+  in batch-std units, u = 0 a bin edge; decoded to bin midpoints), shared by the BN and every conv;
+- the BN's per-channel 1/std (fp32).
+The grid spans about beta/|gamma| +- 3 (in std units) but always keeps a bin on each side of u = 0, as
+in the original: values beyond the span, and every value on the far side of a channel whose
+|beta/gamma| exceeds 3, saturate to the end bins (the mask stays exact).
+Backward: each conv rebuilds its input as |gamma| * ReLU(u_hat) for the weight gradient; its input
+gradient needs only the weight, so it is exact. The ReLU mask is the code's sign, exact. BN's backward
+runs with the approximate x_hat = sign(gamma) * (u_hat - beta / |gamma|) and the exact 1/std. No
+rounding is random. The forward is the original modules' own ops, bit for bit: BN's output (and its
+running statistics) come from the module's own forward, ReLU and conv are the same functions.
+
+Chains are found by tracing the model with torch.fx, so every BN -> ReLU -> Conv2d is served wherever
+it occurs (pre-activation ResNets and WRNs throughout; in post-activation ResNets bn1 -> relu -> conv2
+inside each block and the stem's BN -> ReLU where a block conv follows). The first conv (its input is
+the image) and the classifier (its input comes through the final BN -> ReLU -> pooling) stay exact, as
+in the original, whose last layer keeps its input in fp32. torchvision ResNets call one in-place
+`self.relu` at three places: it is served, by a ReLU that lets an already coded (rectified) tensor pass
+and is the original in-place ReLU everywhere else.
+
+Deviations from the official code, each to keep the model and its forward unchanged:
+- The official code clamps gamma to >= 1e-8 inside the model; here gamma is what it is, and u is
+  BN(x) / |gamma| = sign(gamma) * x_hat + beta / |gamma| (the paper's u = x_hat + beta / gamma when
+  gamma > 0), whose sign is ReLU's mask for either sign of gamma. gamma == 0 loses x_hat altogether:
+  refused with StrategyError at apply time and in any training forward (a one-element check per layer,
+  which is a host sync on GPU).
+- u is computed from the BN's own output rather than from x, so the recovered mask is the mask of the
+  forward's ReLU, bit for bit; the grid's bins are (k*D, (k+1)*D] instead of floor(u - 1e-6) (grid.py).
+- The official ResNet-164 uses parameter-free (pool + zero-pad) shortcuts; ours has projection convs on
+  the pre-activated tensor, which share the block's code.
+- Only Conv2d with zero, integer padding joins a chain (others stay exact); chains are BatchNorm2d
+  (affine) -> nn.ReLU module -> Conv2d module; a functional relu leaves its BN exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd import Function
+
+from actmem.compress.grid import grid_dequantize, grid_quantize
+from actmem.compress.packed import Packed
+from actmem.errors import ConfigError, StrategyError
+from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
+
+BITS = (4, 8)
+
+
+@dataclass
+class BlpaConfig:
+    name: str = "blpa"
+    bits: int = 4  # K, the code width: 4 or 8 (the paper's two settings)
+
+
+# --- the code a BN+ReLU output carries to its consumers ------------------------------------------------
+
+@dataclass(frozen=True)
+class _Code:
+    """Attached to a BLPA BN+ReLU output as an attribute, so it goes exactly where that tensor goes."""
+    packed: Packed
+    gamma: torch.Tensor  # the BN weight (a parameter, not an activation)
+    version: int  # the tensor's version when coded: an in-place change since then voids the code
+
+
+_ATTR = "_blpa_code"
+
+
+def _code_of(x: torch.Tensor) -> _Code | None:
+    code = getattr(x, _ATTR, None)
+    return code if code is not None and code.version == x._version else None
+
+
+def _channel(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel [C] as [1, C, 1, ...], to broadcast against `like`."""
+    return t.view(1, -1, *[1] * (like.dim() - 2))
+
+
+def _decode_u(packed: Packed) -> torch.Tensor:
+    """u_hat in fp32, whatever the activation dtype (it feeds sums over the whole batch)."""
+    return grid_dequantize(dataclasses.replace(packed, dtype=torch.float32))
+
+
+def rebuild_input(packed: Packed, gamma: torch.Tensor) -> torch.Tensor:
+    """The conv input ReLU(BN(x)) = |gamma| * ReLU(u), from the code (fp32)."""
+    u = _decode_u(packed)
+    return u.relu_().mul_(_channel(gamma.detach().abs().float(), u))
+
+
+def _save(ctx, packed: Packed, *others: torch.Tensor) -> None:
+    """Save the packed tensors visibly (what actmem.measure counts); only the layout stays on ctx."""
+    ctx.layout, ctx.num_packed = dataclasses.replace(packed, codes=None, meta=()), len(packed.tensors())
+    ctx.save_for_backward(*packed.tensors(), *others)
+
+
+def _load(ctx) -> tuple[Packed, tuple[torch.Tensor, ...]]:
+    saved = ctx.saved_tensors
+    return ctx.layout.with_tensors(saved[: ctx.num_packed]), saved[ctx.num_packed:]
+
+
+# --- autograd ---------------------------------------------------------------------------------------------
+
+class _BatchNormReLUFn(Function):
+    """y = ReLU(z) for z = BN(x) computed by the caller; backward from the code and 1/std alone."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, z, packed, invstd):
+        _save(ctx, packed, invstd, weight, bias)
+        return torch.relu(z)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        packed, (invstd, weight, bias) = _load(ctx)
+        u = _decode_u(packed)
+        g = torch.where(u > 0, grad_y.float(), 0.0)  # bin midpoints are never 0: u_hat > 0 is ReLU's mask
+        gamma, beta = weight.float(), bias.float()
+        x_hat = u.sub_(_channel(beta / gamma.abs(), u)).mul_(_channel(gamma.sign(), u))
+        dims = [0, *range(2, u.dim())]
+        n = u.numel() // u.shape[1]
+        grad_beta = g.sum(dims)
+        grad_gamma = (g * x_hat).sum(dims)
+        grad_x = g.sub_(_channel(grad_beta / n, g)).sub_(x_hat.mul_(_channel(grad_gamma / n, g)))
+        grad_x.mul_(_channel(gamma * invstd, g))
+        return grad_x.to(grad_y.dtype), grad_gamma, grad_beta, None, None, None
+
+
+class _ConvFromCodeFn(Function):
+    """Conv whose input is a coded BN+ReLU output: saves nothing of its own but the shared code."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, code, stride, padding, dilation, groups):
+        _save(ctx, code.packed, weight, code.gamma.detach())
+        ctx.conv = (stride, padding, dilation, groups)
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, (weight, gamma) = _load(ctx)
+        stride, padding, dilation, groups = ctx.conv
+        y_hat = rebuild_input(packed, gamma).to(weight.dtype)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(grad, y_hat, weight, ctx.bias_shape, stride, padding,
+                                                         dilation, False, [0, 0], groups, mask)
+        return gx, gw, gb, None, None, None, None, None
+
+
+def _autocast(*tensors):
+    """Cast as autocast does for conv, before the Function, so it computes (and saves) what the exact
+    conv would; the casts' own backward brings the gradients back to fp32."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
+# --- the swapped modules ----------------------------------------------------------------------------------
+
+class _Swapped(Claimed):
+    @classmethod
+    def swap(cls, module: nn.Module, **attrs):
+        """The same module (parameters, buffers, hooks, state_dict keys) as an instance of cls."""
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__, **attrs)
+        return new
+
+
+class BlpaBatchNorm2d(_Swapped, nn.BatchNorm2d):
+    """BatchNorm fused with the ReLU after it (in training): returns ReLU(BN(x)) carrying its code."""
+
+    bits: int
+
+    def forward(self, x):
+        if not (self.training and torch.is_grad_enabled()):
+            return super().forward(x)  # the ReLU module after it rectifies
+        if not self.weight.all():
+            raise StrategyError(_zero_gamma_message([self.weight], ["this BatchNorm2d"]))
+        with torch.no_grad():
+            z = super().forward(x)  # the module's own op and running-statistics update: bit-identical
+            gamma = self.weight.abs()
+            packed = grid_quantize(z, gamma.reciprocal(), torch.zeros_like(gamma), self.bits,
+                                   center=self.bias / gamma)
+            dims = [0, *range(2, x.dim())]
+            invstd = torch.var(x.float(), dims, correction=0).add_(self.eps).rsqrt_()
+        y = _BatchNormReLUFn.apply(x, self.weight, self.bias, z, packed, invstd)
+        setattr(y, _ATTR, _Code(packed, self.weight, y._version))
+        return y
+
+
+class BlpaReLU(_Swapped, nn.ReLU):
+    """ReLU that lets a coded BN+ReLU output through untouched (rectifying it again would save it in
+    full precision), and is the original ReLU, in place or not, on anything else."""
+
+    def forward(self, x):
+        return x if _code_of(x) is not None else super().forward(x)
+
+
+class BlpaConv2d(_Swapped, nn.Conv2d):
+    """Conv2d that, given a coded input, keeps only the shared code; otherwise the original conv."""
+
+    def forward(self, x):
+        code = _code_of(x)
+        if code is None or not torch.is_grad_enabled():
+            return super().forward(x)
+        x, weight, bias = _autocast(x, self.weight, self.bias)
+        return _ConvFromCodeFn.apply(x, weight, bias, code, self.stride, self.padding, self.dilation, self.groups)
+
+
+# --- finding the chains -------------------------------------------------------------------------------------
+
+class _Tracer(fx.Tracer):
+    """Claimed modules (another strategy's) are opaque: what is inside them is not ours to rewrite."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, Claimed) or super().is_leaf_module(m, qualname)
+
+
+def _servable_conv(conv: nn.Module) -> bool:
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def find_chains(model: nn.Module) -> dict[str, tuple[set[str], set[str]]]:
+    """{BN name: (its ReLU module names, the Conv2d names fed by them)} for every BatchNorm2d all of
+    whose calls feed only an nn.ReLU module whose output feeds at least one servable Conv2d."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types; the message is what matters
+        raise StrategyError(
+            f"blpa finds its BatchNorm -> ReLU -> Conv chains by tracing the model with torch.fx, which "
+            f"failed for {type(model).__name__} ({type(e).__name__}: {e}). Make the forward traceable (no "
+            "data-dependent control flow), or use strategy=actnn or strategy=division.") from None
+    modules = dict(model.named_modules())
+
+    def calls(node, cls) -> bool:
+        return node.op == "call_module" and type(modules[node.target]) is cls
+
+    def chain(bn_node):
+        users = list(bn_node.users)
+        if len(users) != 1 or not calls(users[0], nn.ReLU):
+            return None
+        relu = users[0]
+        convs = {u.target for u in relu.users
+                 if calls(u, nn.Conv2d) and u.args == (relu,) and _servable_conv(modules[u.target])}
+        return (relu.target, convs) if convs else None
+
+    found: dict[str, list] = {}
+    for node in graph.nodes:
+        if calls(node, nn.BatchNorm2d) and modules[node.target].affine:
+            found.setdefault(node.target, []).append(chain(node))
+    return {bn: ({c[0] for c in cs}, set().union(*(c[1] for c in cs)))
+            for bn, cs in found.items() if all(cs)}  # a BN called twice is fused only if both calls chain
+
+
+def _zero_gamma_message(gammas, names) -> str:
+    bad = [f"{n} ({int((g == 0).sum())} of {g.numel()} channels)" for g, n in zip(gammas, names) if not g.all()]
+    return (f"blpa cannot serve a BatchNorm with gamma == 0: it keeps u = BN(x) / |gamma|, from which x_hat "
+            f"(needed for gamma's gradient) is lost when gamma is 0. Found in {', '.join(bad)}. Initialise "
+            "gamma non-zero (e.g. model.kwargs.zero_init_residual=false), or use strategy=actnn or "
+            "strategy=division.")
+
+
+@STRATEGIES.register("blpa", schema=BlpaConfig)
+def apply_blpa(model: nn.Module, cfg) -> nn.Module:
+    if cfg.bits not in BITS:
+        raise ConfigError(f"strategy.bits={cfg.bits}: BLPA codes activations at {' or '.join(map(str, BITS))} "
+                          "bits (the paper's settings).")
+    chains = find_chains(model)
+    if not chains:
+        raise StrategyError(
+            f"blpa found no BatchNorm2d -> ReLU -> Conv2d chain in {type(model).__name__}: it compresses only "
+            "the input of such chains (pre-activation ResNets such as preact_resnet56/164 and wrn28_10; "
+            "bn1 -> relu -> conv2 in resnet18/20/50). Use strategy=actnn or strategy=division for this model.")
+    gammas = [model.get_submodule(bn).weight for bn in chains]
+    if not all(g.all() for g in gammas):
+        raise StrategyError(_zero_gamma_message(gammas, list(chains)))
+    bns = set(chains)
+    relus = set().union(*(r for r, _ in chains.values()))
+    convs = set().union(*(c for _, c in chains.values()))
+    swaps = {nn.BatchNorm2d: lambda m: BlpaBatchNorm2d.swap(m, bits=cfg.bits), nn.ReLU: BlpaReLU.swap,
+             nn.Conv2d: BlpaConv2d.swap}
+    replace_modules(model, lambda name, m: name in bns | relus | convs, lambda m: swaps[type(m)](m))
+    return model
