@@ -28,6 +28,7 @@ def pack_mask(mask: torch.Tensor) -> Packed:
 
 @register_layout("mask")
 def unpack_mask(p: Packed) -> torch.Tensor:
+    """The mask as a bool tensor of the original shape."""
     return unpack_codes(p.codes, 1, p.shape.numel()).view(torch.bool).view(p.shape)
 
 

@@ -16,8 +16,8 @@ Geometry, as in the official code:
 - input [N, C, H, W]; [N, A, L] (Conv1d, or a Linear's [N, T, F]) is taken as [N, A, 1, L] and
   [N, F] as [N, 1, 1, F]: the last dim is pooled in blocks of B and each row gets its own min/step,
   as the official `fdmp1d` does for a Linear input. Planes of a single element (H·W = 1) are
-  stored, but take more bytes than the input (bf16 lfc + min/step): the official code keeps such
-  inputs uncompressed, and so should a strategy.
+  stored, but take more bytes than the input (bf16 lfc + min/step): the official code keeps 4-D
+  inputs with H = 1 uncompressed, and a strategy should skip at least these.
 hfc quantization: min and step per (sample, channel) stored in bf16, as the official code stores
 them; here the min is rounded down and the step up to bf16 before quantizing, so dequantization uses
 the very numbers quantization did (the official code quantizes with fp32 ones and decodes with their
@@ -26,8 +26,10 @@ unbiased; `stochastic=False` rounds to nearest. Arithmetic in fp32 (an fp64 inpu
 first); the block sums in fp64, which makes them exact for all but extreme data and so the same in
 both backends. NaN or Inf in the input raise ActmemError.
 
-Packed: codes (each plane's H·W codes packed from a byte boundary: bits * ceil(H·W / 8) bytes per
-plane), meta = (lfc bf16 [P, Hp, Wp], stats bf16 [P, 2] = (min, step)); P = planes.
+Packed: codes, meta = (lfc bf16 [P, Hp, Wp], stats bf16 [P, 2] = (min, step)); P = planes. Each
+plane's H·W codes are packed from a byte boundary, bits * ceil(H·W / 8) bytes (7x7: 56 code slots
+for 49 values), because one Triton program quantizes one plane (its min/step need all of it) and two
+programs must not write the same byte.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def _scales(geometry) -> tuple[float, float]:
     return nearest_scale(H // kh, H), nearest_scale(W // kw, W)
 
 
-def _compress_slab(xs, geometry, index, levels, gen):
+def _compress_slab(xs, geometry, index, levels, stochastic, gen):
     """lfc, stats and the codes (fp32, integral after truncation) of a slab of planes [R, H, W]."""
     P, H, W, kh, kw = geometry
     R, Hp, Wp = xs.shape[0], H // kh, W // kw
@@ -105,7 +107,7 @@ def _compress_slab(xs, geometry, index, levels, gen):
     step = -_bf16_down(-(hi - mn.float()) * (1.0 / levels))
     m, st = mn.float()[:, None], step.float()[:, None]
     t = hfc.sub_(m).mul_(torch.where(st > 0, 1.0 / st, 0.0))
-    t += 0.5 if gen is False else torch.rand(t.shape, generator=gen, device=t.device)
+    t += torch.rand(t.shape, generator=gen, device=t.device) if stochastic else 0.5
     return t.clamp_(0, levels), lfc, torch.stack([mn, step], 1)
 
 
@@ -116,12 +118,13 @@ def _compress_reference(x, geometry, bits, stochastic, seed):
     lfc = torch.empty((P, H // kh, W // kw), dtype=torch.bfloat16, device=x.device)
     stats = torch.empty((P, 2), dtype=torch.bfloat16, device=x.device)
     codes = torch.zeros((P, H * W + -(H * W) % 8), dtype=torch.uint8, device=x.device)  # planes padded to 8
-    gen = False if not stochastic else None if seed is None else torch.Generator(x.device).manual_seed(seed)
+    gen = None if seed is None else torch.Generator(x.device).manual_seed(seed)  # None: the global RNG
     index = _upsample_index(geometry, x.device)
     rows = max(1, SLAB // (H * W))
     for r in range(0, P, rows):
         s = slice(r, r + rows)
-        codes[s, : H * W], lfc[s], stats[s] = _compress_slab(xv[s], geometry, index, (1 << bits) - 1, gen)
+        codes[s, : H * W], lfc[s], stats[s] = _compress_slab(xv[s], geometry, index, (1 << bits) - 1,
+                                                             stochastic, gen)
     return pack_blocks_(codes.view(-1, 8), bits), lfc, stats
 
 
@@ -149,8 +152,9 @@ def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: b
         codes, lfc, stats = _compress_reference(x, geometry, bits, stochastic, seed)
     if not torch.isfinite(stats).all():
         bad = int((~torch.isfinite(stats)).any(1).sum())
-        raise ActmemError(f"split_quantize: the input holds NaN or Inf ({bad} of its {P} planes); the "
-                          "forward pass has diverged: lower the learning rate or check the data.")
+        raise ActmemError(f"split_quantize: the input holds NaN, Inf or values too large to quantize ({bad} "
+                          f"of its {P} planes); the forward pass has diverged: lower the learning rate or "
+                          "check the data.")
     return Packed(codes, (lfc, stats), x.shape, x.dtype, bits, "split", {"block": int(block)})
 
 
