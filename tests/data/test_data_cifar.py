@@ -1,0 +1,179 @@
+import pickle
+
+import pytest
+import torch
+import torchvision.datasets
+from PIL import Image
+
+from actmem.data import build
+from actmem.data.cifar import SPECS, decode_files
+from actmem.data.loader import Normalize
+from actmem.errors import ActmemError, DataNotFoundError
+
+CPU = torch.device("cpu")
+
+
+def fake_images(n, seed):
+    """Random 32x32 images whose red channel's first pixel encodes the index (to follow labels)."""
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    x[:, 0, 0, 0] = torch.arange(n) % 256
+    return x
+
+
+def write_binary(root, name, n_train, n_test):
+    """A small dataset in torchvision's pickle format (cifar-10-batches-py / cifar-100-python)."""
+    spec = SPECS[name]
+    folder = root / spec.folder
+    folder.mkdir(parents=True)
+    k = spec.num_classes
+    splits = {}
+    for files, n, seed in ((spec.train_files, n_train, 0), (spec.test_files, n_test, 1)):
+        x, y = fake_images(n, seed), torch.arange(n) % k
+        splits[files] = (x, y)
+        for part, (xs, ys) in zip(files, zip(x.chunk(len(files)), y.chunk(len(files)))):
+            blob = {"data": xs.reshape(len(xs), -1).numpy(), spec.label_key: ys.tolist()}
+            (folder / part).write_bytes(pickle.dumps(blob))
+    (folder / spec.meta_file).write_bytes(pickle.dumps({spec.names_key: [f"class{i}" for i in range(k)]}))
+    return splits[spec.train_files], splits[spec.test_files]
+
+
+def write_png(img, path):
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+
+
+def write_folder(root, classes, per_class, split):
+    """root/split/<class>/<i>.png, with every pixel of channel 0 equal to the class's sorted index."""
+    for label, c in enumerate(sorted(classes)):
+        (root / split / c).mkdir(parents=True)
+        for i in range(per_class):
+            img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+            img[0] = label
+            write_png(img, str(root / split / c / f"{i}.png"))
+
+
+def collect(loader):
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_torchvision_binary_format(tmp_path, name):
+    (xtr, ytr), (xte, yte) = write_binary(tmp_path, name, 200, 120)
+    b = build({"name": name, "root": str(tmp_path)}, batch_size=32, device=CPU, seed=0)
+    k = SPECS[name].num_classes
+    assert (b.num_classes, b.image_shape, b.train_size, b.test_size) == (k, (3, 32, 32), 200, 120)
+    assert (len(b.train), len(b.test)) == (6, 4)
+    x, y = collect(b.test)
+    assert torch.equal(y, yte)
+    torch.testing.assert_close(x, Normalize(SPECS[name].mean, SPECS[name].std, CPU)(xte))
+    x, y = next(iter(b.train))
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert 0 <= y.min() and y.max() < k
+
+
+def test_cifar100_image_folder_labels_and_cache(tmp_path):
+    classes = [f"class{i:03d}" for i in range(100)][::-1]  # sorted by name -> label index
+    write_folder(tmp_path, classes, 2, "train")
+    write_folder(tmp_path, classes, 1, "test")
+    cfg = {"name": "cifar100", "root": str(tmp_path), "augment": False}
+    b = build(cfg, batch_size=50, device=CPU, seed=0)
+    assert (b.num_classes, b.train_size, b.test_size) == (100, 200, 100)
+    raw = lambda x: torch.round(x[:, 0, 0, 0] * 0.2673 * 255 + 0.5071 * 255)  # undo normalisation
+    for loader in (b.train, b.test):
+        x, y = collect(loader)
+        assert torch.equal(raw(x).long(), y)
+    assert (tmp_path / "actmem-cache-train.pt").is_file() and (tmp_path / "actmem-cache-test.pt").is_file()
+
+    # A changed pixel under an unchanged file list is served from the cache (so the cache is used) ...
+    write_png(torch.full((3, 32, 32), 255, dtype=torch.uint8), str(tmp_path / "test" / "class000" / "0.png"))
+    assert raw(next(iter(build(cfg, batch_size=50, device=CPU, seed=0).test))[0])[0] == 0
+    # ... and a new file invalidates it.
+    write_png(torch.zeros(3, 32, 32, dtype=torch.uint8), str(tmp_path / "test" / "class000" / "1.png"))
+    b = build(cfg, batch_size=50, device=CPU, seed=0)
+    assert b.test_size == 101 and raw(next(iter(b.test))[0])[0] == 255
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_missing_data_names_path_and_fixes(tmp_path, name):
+    root = tmp_path / "nowhere"
+    with pytest.raises(DataNotFoundError) as e:
+        build({"name": name, "root": str(root)}, batch_size=8, device=CPU, seed=0)
+    msg = str(e.value)
+    assert str(root) in msg and "train/<class>" in msg and SPECS[name].folder in msg
+    assert "dataset.download=true" in msg and "dataset.root=" in msg
+    assert ("`make data` (unpacks" in msg) == (name == "cifar10")
+
+
+def test_failed_download_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    with pytest.raises(DataNotFoundError, match="could not fetch CIFAR-100.*Name or service not known"):
+        build({"name": "cifar100", "root": str(tmp_path), "download": True}, batch_size=8, device=CPU, seed=0)
+
+
+def test_wrong_class_count_and_unreadable_images(tmp_path):
+    write_folder(tmp_path / "a", ["x", "y", "z"], 1, "train")
+    write_folder(tmp_path / "a", ["x", "y", "z"], 1, "test")
+    with pytest.raises(ActmemError, match="holds 3 classes, but CIFAR-10 has 10"):
+        build({"name": "cifar10", "root": str(tmp_path / "a")}, batch_size=1, device=CPU, seed=0)
+    classes = [str(i) for i in range(10)]
+    write_folder(tmp_path / "b", classes, 1, "train")
+    write_folder(tmp_path / "b", classes, 1, "test")
+    (tmp_path / "b" / "train" / "3" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(ActmemError, match="Could not decode"):
+        build({"name": "cifar10", "root": str(tmp_path / "b")}, batch_size=1, device=CPU, seed=0)
+
+
+@pytest.mark.timeout(120)
+def test_decoding_pool_survives_a_busy_parent(tmp_path):
+    """Forked decoders once deadlocked in the parent's OpenMP pool; warm that pool first."""
+    write_folder(tmp_path, ["a", "b"], 40, "train")
+    a = torch.randn(512, 512)
+    (a @ a).add_(1).sum()
+    paths = sorted(str(p) for p in (tmp_path / "train").glob("*/*.png"))
+    x = decode_files(paths, chunk=8)
+    assert x.shape == (80, 3, 32, 32) and torch.equal(x[:40, 0], torch.zeros(40, 32, 32, dtype=torch.uint8))
+
+
+@pytest.fixture(scope="module")
+def cifar10(cifar10_root):
+    return build({"name": "cifar10", "root": str(cifar10_root)}, batch_size=256, device=CPU, seed=0)
+
+
+def test_real_cifar10_loads(cifar10, cifar10_root):
+    b = cifar10
+    assert (b.num_classes, b.image_shape, b.train_size, b.test_size) == (10, (3, 32, 32), 50_000, 10_000)
+    assert (len(b.train), len(b.test)) == (195, 40)
+    cache = torch.load(cifar10_root / "actmem-cache-test.pt", weights_only=True)
+    assert cache["classes"][0] == "airplane" and cache["classes"][-1] == "truck"
+    x, y = next(iter(b.test))  # unaugmented, in order: the cached pixels, normalised
+    torch.testing.assert_close(x, Normalize(SPECS["cifar10"].mean, SPECS["cifar10"].std, CPU)(cache["images"][:256]))
+    assert torch.equal(y, cache["labels"][:256])
+    x, y = next(iter(b.train))
+    assert x.shape == (256, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert y.min() >= 0 and y.max() <= 9 and len(y.unique()) == 10
+    assert abs(x.mean().item()) < 0.3 and abs(x.std().item() - 1) < 0.3  # the published mean/std fit
+
+
+def test_real_cifar10_augmentation_changes_train_batches(cifar10):
+    b = cifar10
+    plain = type(b.train)(b.train.images, b.train.labels, 256, b.train.normalize, train=True, augment=False)
+    b.train.set_epoch(2)
+    plain.set_epoch(2)
+    (xa, ya), (xp, yp) = next(iter(b.train)), next(iter(plain))
+    assert torch.equal(ya, yp)
+    changed = (xa != xp).flatten(1).any(1).float().mean()
+    assert changed > 0.9  # all but the ~1/162 centred unflipped draws
+
+
+def test_real_cifar10_subsets_are_balanced_and_seed_independent(cifar10_root):
+    cfg = {"name": "cifar10", "root": str(cifar10_root), "train_subset": 1000, "test_subset": 500}
+    a = build(cfg, batch_size=100, device=CPU, seed=0)
+    b = build(cfg, batch_size=100, device=CPU, seed=1)
+    assert (a.train_size, a.test_size, len(a.train), len(a.test)) == (1000, 500, 10, 5)
+    assert torch.bincount(a.train.labels).tolist() == [100] * 10
+    assert torch.bincount(a.test.labels).tolist() == [50] * 10
+    assert torch.equal(a.train.images, b.train.images)  # the subset does not move with the run seed
+    assert not torch.equal(next(iter(a.train))[1], next(iter(b.train))[1])  # the order does

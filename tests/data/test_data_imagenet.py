@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from actmem.data import DeviceLoader, build
+from actmem.errors import DataNotFoundError
+
+CPU = torch.device("cpu")
+
+
+def write_tree(root, wnids=("n01", "n02", "n03"), per_class=4):
+    """A tiny ImageNet-layout tree of odd-sized JPEGs, one greyscale and one CMYK among them."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in wnids:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                img = Image.fromarray(rng.integers(0, 256, (40 + 7 * i, 50, 3), dtype=np.uint8))
+                img = {0: img.convert("L"), 1: img.convert("CMYK")}.get(i, img)
+                img.save(root / split / c / f"{i}.JPEG")
+
+
+def imagenet(root, bs=4, seed=0, **kw):
+    cfg = {"name": "imagenet", "root": str(root), "image_size": 24, "workers": 2, **kw}
+    return build(cfg, batch_size=bs, device=CPU, seed=seed)
+
+
+def epoch(loader, e):
+    loader.set_epoch(e)
+    xs, ys = zip(*loader)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_folder_layout_shapes_greyscale_and_cmyk(tmp_path):
+    write_tree(tmp_path)
+    b = imagenet(tmp_path, bs=5)
+    assert isinstance(b.train, DeviceLoader)
+    assert (b.num_classes, b.image_shape, b.train_size, b.test_size) == (3, (3, 24, 24), 12, 12)
+    assert (len(b.train), len(b.test)) == (2, 3)  # train drops the last partial batch, test keeps it
+    x, y = epoch(b.train, 0)
+    assert x.shape == (10, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
+    xt, yt = epoch(b.test, 0)
+    assert xt.shape == (12, 3, 24, 24) and torch.equal(yt, torch.arange(3).repeat_interleave(4))
+    grey = xt[0] * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    assert torch.allclose(grey[0], grey[1], atol=1e-5) and torch.allclose(grey[0], grey[2], atol=1e-5)
+
+
+def test_shuffle_and_augmentation_fixed_by_seed_and_epoch(tmp_path):
+    write_tree(tmp_path)
+    b = imagenet(tmp_path)
+    x0, y0 = epoch(b.train, 0)
+    x0b, y0b = epoch(b.train, 0)
+    x1, _ = epoch(b.train, 1)
+    xs, _ = epoch(imagenet(tmp_path, seed=1).train, 0)
+    assert torch.equal(x0, x0b) and torch.equal(y0, y0b)
+    assert not torch.equal(x0, x1) and not torch.equal(x0, xs)
+    xt0, _ = epoch(b.test, 0)
+    xt1, _ = epoch(b.test, 1)
+    assert torch.equal(xt0, xt1)  # no augmentation at test time
+
+
+def test_missing_imagenet_names_path_and_fixes(tmp_path):
+    with pytest.raises(DataNotFoundError) as e:
+        imagenet(tmp_path / "imagenet")
+    msg = str(e.value)
+    assert str(tmp_path / "imagenet" / "train") in msg and "val/<wnid>" in msg
+    assert "image-net.org" in msg and "`make data`" in msg and "dataset.root=data/imagenette" in msg
+
+
+def test_real_imagenette_loads_and_subsets(imagenette_root):
+    b = imagenet(imagenette_root, bs=16, image_size=64)
+    assert (b.num_classes, b.image_shape, b.train_size, b.test_size) == (10, (3, 64, 64), 9469, 3925)
+    assert (len(b.train), len(b.test)) == (9469 // 16, -(-3925 // 16))
+    it = iter(b.train)
+    for _ in range(2):
+        x, y = next(it)
+        assert x.shape == (16, 3, 64, 64) and x.dtype == torch.float32 and 0 <= y.min() and y.max() < 10
+        assert abs(x.mean().item()) < 1 and 0.5 < x.std().item() < 1.5
+    del it
+    x, y = next(iter(b.test))
+    assert x.shape == (16, 3, 64, 64) and (y == 0).all()  # in order: the first class first
+
+    s = imagenet(imagenette_root, bs=10, image_size=32, train_subset=50, test_subset=20)
+    assert (s.train_size, s.test_size, len(s.train)) == (50, 20, 5)
+    targets = torch.tensor(s.train.loader.dataset.dataset.targets)[s.train.loader.dataset.indices]
+    assert torch.bincount(targets).tolist() == [5] * 10
