@@ -1,7 +1,7 @@
 """CIFAR-10/100 from torchvision's binary format or an image-folder tree, held whole in memory as uint8.
 
 The image-folder tree (`train/<class>/*.jpg|png`, `test/<class>/*`; what `make data` unpacks) is decoded
-once into `root/actmem-cache-<split>.pt` (about 3 s for 60k JPEGs on 2 cores) and loaded from there
+once into `root/actmem-cache-<split>.pt` (about 7 s for 60k JPEGs on 2 cores) and loaded from there
 afterwards, until the file list changes.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image, read_file
+from PIL import Image
 
 from actmem.data.loader import DATASETS, balanced_subset, resolve_root, tensor_bundle, usable_cores
 from actmem.errors import ActmemError, DataNotFoundError
@@ -93,18 +93,18 @@ def list_image_folder(split_dir: Path) -> tuple[list[str], list[str], list[int]]
     return classes, files, labels
 
 
-def decode_chunk(paths: list[str]) -> torch.Tensor:
-    return torch.stack([decode_image(read_file(p), mode=ImageReadMode.RGB) for p in paths])
+def decode_chunk(paths: list[str]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
 
 
 def decode_files(paths: list[str], chunk: int = 1000) -> torch.Tensor:
     """uint8 N x 3 x H x W of the images at `paths`, decoded by a pool of 2 processes per core: a cold
-    page cache leaves them waiting on the disk as much as decoding. Workers run torch single-threaded:
-    a forked child that enters the parent's OpenMP pool deadlocks."""
+    page cache leaves them waiting on the disk as much as decoding. Workers use PIL and numpy only:
+    a forked child that enters the parent's OpenMP pool (any torch op) can deadlock."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(min(8, 2 * usable_cores()), initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        return torch.cat(pool.map(decode_chunk, [paths[i : i + chunk] for i in range(0, len(paths), chunk)]))
+    with multiprocessing.get_context(method).Pool(min(8, 2 * usable_cores())) as pool:
+        parts = pool.map(decode_chunk, [paths[i : i + chunk] for i in range(0, len(paths), chunk)])
+    return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
 
 
 def read_image_folder(split_dir: Path, cache: Path):
@@ -123,7 +123,7 @@ def read_image_folder(split_dir: Path, cache: Path):
             pass
     try:
         images = decode_files([str(split_dir / f) for f in files])
-    except RuntimeError as e:  # a corrupt file, or images of different sizes
+    except (OSError, ValueError) as e:  # a corrupt file, or images of different sizes
         raise ActmemError(f"Could not decode {split_dir} into one tensor ({e}). CIFAR images must all be "
                           "readable 32x32 JPEG/PNG files: re-create the folder from the original dataset.") from e
     blob = {"key": key, "images": images, "labels": torch.tensor(labels), "classes": classes}
