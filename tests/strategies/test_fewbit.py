@@ -42,14 +42,14 @@ def l2_error(fn, borders, levels, n=2_000_000):
     return float(((numeric_derivative(fn, x) - q) ** 2).sum() * h)
 
 
-def brute_force(fn, bits, cells):
+def brute_force(fn, bits, cells, weight=torch.ones_like):
     """min over every choice of 2**bits - 1 borders among the inner points of a `cells`-cell grid on
-    [LO, HI] of ∫ (f' - best constants)², by enumeration; returns (error, borders)."""
+    [LO, HI] of ∫ (f' - best constants)² w, by enumeration; returns (error, borders)."""
     per_cell = 2000
     h = (HI - LO) / (cells * per_cell)
     x = LO + h * (torch.arange(cells * per_cell, dtype=torch.float64) + 0.5)
-    d = numeric_derivative(fn, x).view(cells, per_cell)
-    moments = torch.stack([torch.full((cells,), per_cell * h), d.sum(1) * h, (d * d).sum(1) * h])
+    d, w = numeric_derivative(fn, x).view(cells, per_cell), weight(x).view(cells, per_cell)
+    moments = torch.stack([w.sum(1) * h, (w * d).sum(1) * h, (w * d * d).sum(1) * h])
     prefix = torch.nn.functional.pad(moments.cumsum(1), (1, 0))
     combos = torch.tensor(list(itertools.combinations(range(1, cells), 2**bits - 1)))
     ends = torch.cat([torch.zeros(len(combos), 1, dtype=torch.long), combos,
@@ -75,6 +75,17 @@ def test_tables_are_the_dp_optimum(name):
         assert (borders.diff() > 0).all()
         shipped_err = l2_error(fn, borders, levels)
         assert shipped_err <= brute_err * (1 + 1e-6), (bits, shipped_err, brute_err)
+
+
+def test_weighted_generator_matches_brute_force():
+    """The weight is a parameter of the generator: a Gaussian weight moves the borders inwards."""
+    normal = lambda x: torch.exp(-x * x / 8)  # noqa: E731  (N(0, 2²), unnormalised)
+    for bits in (1, 2, 3):
+        brute_err, brute_borders = brute_force(CONTINUOUS["silu"], bits, 20, normal)
+        dp = optimal_tables(CONTINUOUS["silu"], bits, LO, HI, 20, weight=normal)[bits]
+        assert dp["error"] == pytest.approx(brute_err, rel=1e-6)
+        assert dp["borders"] == pytest.approx(brute_borders)
+    assert max(map(abs, dp["borders"])) < max(derivative_table("silu", 3)[0].abs().tolist())
 
 
 @pytest.mark.parametrize("name", ["gelu", "mish", "hardswish"])
