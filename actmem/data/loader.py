@@ -50,15 +50,15 @@ class Normalize:
 
 def pad_crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor):
     """Zero-pad by `pad`, crop back to H x W at offsets (dy, dx) in [0, 2 pad], mirror where `flip`:
-    the standard CIFAR augmentation for a whole batch as one gather, no per-image Python."""
+    the standard CIFAR augmentation for a whole batch as two gathers (rows, then columns), no
+    per-image Python. (One 4-D advanced index does the same ~8x slower on CPU.)"""
     b, c, h, w = x.shape
     x = F.pad(x, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h, device=x.device)
+    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))
     cols = torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    chan = torch.arange(c, device=x.device)[None, :, None, None]
-    return x[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
+    return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
 def balanced_subset(labels: torch.Tensor, k: int, what: str) -> torch.Tensor:

@@ -60,6 +60,18 @@ def test_shuffle_and_augmentation_fixed_by_seed_and_epoch(tmp_path):
     assert torch.equal(xt0, xt1)  # no augmentation at test time
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_are_moved_to_the_gpu(tmp_path):
+    write_tree(tmp_path)
+    cfg = {"name": "imagenet", "root": str(tmp_path), "image_size": 24, "workers": 2}
+    cpu, gpu = (build(cfg, batch_size=4, device=d, seed=0) for d in ("cpu", "cuda"))
+    assert gpu.test.loader.pin_memory
+    (x, y), (xg, yg) = epoch(cpu.test, 0), epoch(gpu.test, 0)
+    assert xg.device.type == "cuda" and yg.device.type == "cuda"
+    torch.testing.assert_close(xg.cpu(), x)
+    assert torch.equal(yg.cpu(), y)
+
+
 def test_missing_imagenet_names_path_and_fixes(tmp_path):
     with pytest.raises(DataNotFoundError) as e:
         imagenet(tmp_path / "imagenet")

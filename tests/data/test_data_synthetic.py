@@ -34,3 +34,15 @@ def test_deterministic_by_seed():
 def test_rejects_empty_settings(key):
     with pytest.raises(ConfigError, match=f"dataset.{key}=0"):
         synthetic(**{key: 0})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_live_on_the_gpu():
+    b = synthetic(bs=16)
+    b2 = build({"name": "synthetic"}, batch_size=16, device="cuda", seed=0)
+    assert b2.train.images.device.type == "cuda"  # the whole set sits on the GPU
+    (x, y), (xc, yc) = next(iter(b.test)), next(iter(b2.test))
+    assert xc.device.type == "cuda" and yc.device.type == "cuda"
+    torch.testing.assert_close(xc.cpu(), x)
+    assert torch.equal(yc.cpu(), y)
+    assert torch.equal(next(iter(b.train))[1], next(iter(b2.train))[1].cpu())  # same order on any device
