@@ -1,10 +1,17 @@
 """Fixtures shared by the whole suite: where the repo, the shared data and the real datasets are."""
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in the interpreter. Triton reads this when a kernel is defined,
+# so it is set here, before any test module imports actmem's kernels (TRITON_INTERPRET=0 overrides).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from helpers import REPO, SHARED_DATA
 
 
