@@ -1,7 +1,7 @@
 """What every dataset family shares: the registry, the bundle the trainer gets, and two loaders.
 
 `TensorLoader` serves a dataset held whole in memory as uint8 (CIFAR, synthetic): on a GPU a step moves
-no data, and augmentation is one gather over the batch. `DeviceLoader` wraps a torch DataLoader of
+no data, and augmentation is two gathers over the batch. `DeviceLoader` wraps a torch DataLoader of
 uint8 batches (ImageNet) and moves them to the device. Both normalise on the device, both shuffle from
 (seed, epoch) alone, so a resumed run sees the same order as an uninterrupted one.
 """
