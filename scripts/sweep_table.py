@@ -36,6 +36,7 @@ def main() -> int:
     ap.add_argument("--strategies", default="all",
                     help="comma-separated strategy names, or 'all' (every registered one but combo)")
     ap.add_argument("--out", type=Path, help="also write the table, with its provenance, to this markdown file")
+    ap.add_argument("--append", action="store_true", help="add to --out as a new section instead of replacing it")
     ap.add_argument("--title", default="actmem comparison")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run of the sweep")
     args = ap.parse_args()
@@ -50,12 +51,14 @@ def main() -> int:
         return 1
     table = render(load_runs([sweep_dir]), "md")
     shown = " ".join(["python", *map(shlex.quote, sys.argv)])
-    header = (f"# {args.title}\n\n- command: `{shown}`\n- commit: {git_commit()}\n"
+    level = "##" if args.append else "#"
+    header = (f"{level} {args.title}\n\n- command: `{shown}`\n- commit: {git_commit()}\n"
               f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n- device: {device_line(args.overrides)}\n"
               f"- torch {torch.__version__}; runs under `{sweep_dir.relative_to(REPO)}`\n")
     print("\n" + header + "\n" + table)
     if args.out:
-        args.out.write_text(header + "\n" + table + "\n")
+        with open(args.out, "a" if args.append else "w") as f:
+            f.write(("\n" if args.append else "") + header + "\n" + table + "\n")
     return 0
 
 
