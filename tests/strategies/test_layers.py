@@ -155,3 +155,20 @@ def test_subclass_and_claimed_modules_are_left_alone():
     model = nn.Sequential(MyConv(3, 3, 1), nn.Conv2d(3, 3, 1))
     assert swap_layers(model, lambda n, m: KeepCodec()) == ["1"]
     assert swap_layers(model, lambda n, m: KeepCodec()) == []  # already swapped: claimed
+
+
+@pytest.mark.parametrize("case", ["conv2d", "linear_rank3"])
+def test_autocast_forward_is_exact(case):
+    """Under autocast the layers cast as autocast does (and pack the low-precision input)."""
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    exact = make()
+    twin = _swapped(exact, KeepCodec())
+    x = torch.randn(shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_e, gx_e, g_e = _grads(exact, x)
+        out_c, gx_c, g_c = _grads(twin, x)
+    assert out_c.dtype == torch.bfloat16 and torch.equal(out_e, out_c)
+    for n in g_e:
+        assert g_c[n].dtype == torch.float32
+        torch.testing.assert_close(g_c[n], g_e[n], rtol=2e-2, atol=2e-2, msg=n)  # bf16 roundings
