@@ -1,0 +1,289 @@
+"""Activation memory of each strategy in the anchors' settings: activation_ratio (SPEC.md) and where the
+bytes that stay uncompressed are.
+
+    python scripts/activation_memory.py --out results/activation-memory.md          # every setting
+    python scripts/activation_memory.py --settings preact164_cifar --strategies exact blpa:bits=4 actnn
+
+A strategy is `name` or `name:key=value,key=value` (values read as YAML: `division:compress_linear=false`).
+One that is not registered, or that refuses the model, gets a row saying so. Bytes are counted by
+`actmem.measure.saved_bytes_by_module` (what autograd keeps after one training-mode forward of a fresh
+model, seed 0, on a seeded N(0, 1) batch); they do not depend on the device, so this runs on the CPU,
+one model at a time (resnet50 at 224x224, batch 64 keeps about 5 GiB exact).
+
+"Kept whole" is what a strategy leaves uncompressed: saved floating-point tensors with more than a
+quarter of the elements of the input of the layer saving them, and int64/int32 tensors (exact max-pool
+indices). Smaller floating tensors are metadata (per-group scales, DIVISION's low-frequency part, BN
+statistics) and uint8/bool tensors are codes and masks. `--peak` adds, for the settings named, the
+peak resident memory of one training step (forward and backward) above the memory before it, each in
+a fresh process run with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every freed tensor to the
+system at once, so the peak is what was live (with its default, reused heap pages inflate the peak RSS
+of the same step by up to 2x and at random).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from actmem import models, strategies
+from actmem.errors import ConfigError
+from actmem.measure import _module_scope, current_rss_bytes, peak_rss_bytes, saved_bytes_by_module
+from actmem.runlog import git_commit
+
+GiB, MiB = 2**30, 2**20
+LEVELS = [f"actnn:level=L{i}" for i in range(4)]
+
+
+@dataclass(frozen=True)
+class Setting:
+    title: str
+    model: str
+    num_classes: int
+    shape: tuple[int, ...]
+    strategies: list[str]
+    paper_gib: dict[str, float] = field(default_factory=dict)  # ANCHORS.md, by strategy spec
+
+
+SETTINGS = {
+    "resnet50_224": Setting(
+        "resnet50, ImageNet shape 224x224, batch 64", "resnet50", 1000, (64, 3, 224, 224),
+        ["exact", "checkpoint", *LEVELS, "division", "division:compress_linear=false", "blpa:bits=4", "blpa:bits=8"],
+        {"exact": 5.14, "checkpoint": 2.24, "blpa:bits=4": 0.82, "actnn:level=L3": 0.49, "division": 0.49}),
+    "preact164_cifar": Setting(
+        "preact_resnet164, CIFAR shape 32x32, batch 128", "preact_resnet164", 10, (128, 3, 32, 32),
+        ["exact", "blpa:bits=4", "blpa:bits=8", "actnn", "division"]),
+    "resnet18_cifar": Setting(
+        "resnet18, CIFAR-10 shape 32x32, batch 128", "resnet18", 10, (128, 3, 32, 32),
+        ["exact", "checkpoint", *LEVELS, "division", "division:compress_linear=false", "blpa:bits=4",
+         "blpa:bits=8", "*"]),  # "*": every other registered strategy, with its defaults
+}
+TARGETS = [  # (setting, strategy, minimum ratio): the issue's acceptance targets
+    ("resnet50_224", "actnn:level=L3", 11.0), ("resnet50_224", "division", 10.0),
+    ("preact164_cifar", "blpa:bits=4", 6.0),
+]
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    name, _, rest = spec.partition(":")
+    kw = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        kw[key] = yaml.safe_load(value)
+    return name, kw
+
+
+def expand(specs: list[str]) -> list[str]:
+    named = {parse_spec(s)[0] for s in specs}
+    rest = [n for n in strategies.STRATEGIES.names() if n not in named]
+    return [t for s in specs for t in (rest if s == "*" else [s])]
+
+
+def layer_type(module: nn.Module | None) -> str:
+    """A swapped layer counts as the torch.nn class it replaces (BlpaConv2d -> Conv2d)."""
+    if module is None:
+        return "(no module)"
+    base = next((c for c in type(module).__mro__ if c.__module__.startswith("torch.nn.modules")
+                 and c is not nn.Module), type(module))
+    return base.__name__
+
+
+def kept_whole_by_module(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Bytes per module of the saved tensors kept whole (module doc), each storage counted once."""
+    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, tuple[str, int]] = {}
+    input_numel = {"(outside)": 0}  # of each module's current call: its largest tensor input
+    names = {m: n or "(model)" for n, m in model.named_modules()}
+    hooks = [m.register_forward_pre_hook(lambda m, args: input_numel.__setitem__(
+        names[m], max((a.numel() for a in args if torch.is_tensor(a)), default=0))) for m in names]
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in excluded and ptr not in seen:
+            numel = storage.nbytes() // t.element_size()
+            whole = (t.is_floating_point() and 4 * numel > input_numel[stack[-1]]) or \
+                t.dtype in (torch.int64, torch.int32)
+            seen[ptr] = (stack[-1], storage.nbytes() if whole else 0)
+        return t
+
+    try:
+        with _module_scope(model) as stack, torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        del out
+    finally:
+        for h in hooks:
+            h.remove()
+    per_module: dict[str, int] = defaultdict(int)
+    for module, nbytes in seen.values():
+        per_module[module] += nbytes
+    return dict(per_module)
+
+
+@dataclass
+class Row:
+    spec: str
+    note: str = ""  # why there is no measurement
+    total: int = 0
+    whole: int = 0
+    by_type: dict[str, int] = field(default_factory=dict)
+    top_whole: list[tuple[str, int]] = field(default_factory=list)
+    peak: int | None = None
+
+
+def build(setting: Setting, spec: str) -> tuple[nn.Module | None, str]:
+    name, kw = parse_spec(spec)
+    if name not in strategies.STRATEGIES.names():
+        return None, "not registered yet"
+    torch.manual_seed(0)
+    model = models.build(setting.model, num_classes=setting.num_classes)
+    try:
+        return strategies.apply(model, name, **kw), ""
+    except ConfigError as e:  # StrategyError included: the strategy refuses this model
+        return None, f"refused: {e}"
+
+
+def batch(setting: Setting) -> torch.Tensor:
+    return torch.randn(setting.shape, generator=torch.Generator().manual_seed(0))
+
+
+def measure(setting: Setting, spec: str) -> Row:
+    model, note = build(setting, spec)
+    if model is None:
+        return Row(spec, note)
+    x = batch(setting)
+    saved = saved_bytes_by_module(model, x)
+    whole = kept_whole_by_module(model, x)
+    modules = dict(model.named_modules())
+    by_type: dict[str, int] = defaultdict(int)
+    for name, nbytes in saved.items():
+        by_type[layer_type(modules.get(name))] += nbytes
+    top = sorted(((n, b) for n, b in whole.items() if b), key=lambda nb: -nb[1])[:3]
+    return Row(spec, total=sum(saved.values()), whole=sum(whole.values()), by_type=dict(by_type), top_whole=top)
+
+
+def step_peak(setting_name: str, spec: str) -> None:
+    """Child process: print the peak RSS of one training step above the RSS before it (bytes)."""
+    setting = SETTINGS[setting_name]
+    model, note = build(setting, spec)
+    if model is None:
+        print(json.dumps(None))
+        return
+    x, y = batch(setting), torch.zeros(setting.shape[0], dtype=torch.long)
+    gc.collect()
+    before = current_rss_bytes()
+    F.cross_entropy(model(x), y).backward()
+    print(json.dumps(peak_rss_bytes() - before))
+
+
+def peak_in_child(setting_name: str, spec: str) -> int | None:
+    out = subprocess.run([sys.executable, __file__, "--step-peak", setting_name, spec], capture_output=True,
+                         text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fmt_bytes(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def table(setting: Setting, rows: list[Row]) -> str:
+    exact = next((r.total for r in rows if r.spec == "exact" and r.total), None)
+    show_paper = bool(setting.paper_gib)
+    show_peak = any(r.peak is not None for r in rows)
+    head = ["strategy", "activation", "ratio"] + (["paper"] if show_paper else []) + \
+        ["kept whole", "largest layers kept whole"] + (["step peak RSS"] if show_peak else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        paper = setting.paper_gib.get(r.spec)
+        paper_cell = [f"{paper:.2f} GiB ({setting.paper_gib['exact'] / paper:.1f}x)" if paper else ""]
+        if not r.total:
+            cells = [f"`{r.spec}`", r.note.replace("|", "/").replace("\n", " "), ""] + \
+                (paper_cell if show_paper else []) + ["", ""] + ([""] if show_peak else [])
+        else:
+            where = ", ".join(f"`{n}` {fmt_bytes(b)}" for n, b in r.top_whole) or "none"
+            cells = [f"`{r.spec}`", fmt_bytes(r.total), f"{exact / r.total:.2f}x" if exact else "",
+                     *(paper_cell if show_paper else []), f"{100 * r.whole / r.total:.1f}%", where,
+                     *([fmt_bytes(r.peak) if r.peak is not None else ""] if show_peak else [])]
+        lines.append("| " + " | ".join(cells) + " |")
+    measured = [r for r in rows if r.total]
+    types = sorted({t for r in measured for t in r.by_type}, key=lambda t: -max(r.by_type.get(t, 0) for r in measured))
+    by_type = ["| layer type | " + " | ".join(f"`{r.spec}`" for r in measured) + " |",
+               "|" + "---|" * (len(measured) + 1)]
+    for t in types:
+        by_type.append(f"| {t} | " + " | ".join(f"{r.by_type.get(t, 0) / MiB:.1f}" for r in measured) + " |")
+    return "\n".join(lines) + "\n\nBytes by layer type (MiB):\n\n" + "\n".join(by_type)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--strategies", nargs="+", help="strategy specs for every setting (default: each setting's list)")
+    ap.add_argument("--peak", nargs="*", default=[], choices=list(SETTINGS),
+                    help="settings whose rows also get the peak RSS of one training step")
+    ap.add_argument("--out", type=Path, help="also write the tables, with their provenance, to this markdown file")
+    ap.add_argument("--step-peak", nargs=2, metavar=("SETTING", "SPEC"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.step_peak:
+        step_peak(*args.step_peak)
+        return 0
+
+    sections, results = [], {}
+    for key in args.settings:
+        setting = SETTINGS[key]
+        rows = []
+        for spec in expand(args.strategies or setting.strategies):
+            row = measure(setting, spec)
+            if key in args.peak and row.total:
+                row.peak = peak_in_child(key, spec)
+            rows.append(row)
+            results[key, spec] = row
+            gc.collect()
+            print(f"{key} {spec}: {fmt_bytes(row.total) if row.total else row.note[:100]}", flush=True)
+        sections.append(f"## {setting.title}\n\nsetting `{key}`: `models.build({setting.model!r}, "
+                        f"num_classes={setting.num_classes})`, input {list(setting.shape)}\n\n{table(setting, rows)}")
+
+    checks = []
+    exact50 = results.get(("resnet50_224", "exact"))
+    if exact50 and exact50.total:
+        off = exact50.total / GiB / 5.14 - 1
+        checks.append(f"- exact resnet50 b64: {exact50.total / GiB:.3f} GiB vs 5.14 GiB in the paper "
+                      f"({100 * off:+.1f}%): {'met' if abs(off) <= 0.05 else 'MISSED'} (within 5%)")
+    for key, spec, target in TARGETS:
+        row, exact = results.get((key, spec)), results.get((key, "exact"))
+        if row and exact and row.total and exact.total:
+            ratio = exact.total / row.total
+            checks.append(f"- `{spec}` on {key}: {ratio:.2f}x, target >= {target:g}x: "
+                          f"{'met' if ratio >= target else 'MISSED'}")
+
+    shown = " ".join(["python", *map(shlex.quote, sys.argv)])
+    threads = torch.get_num_threads()
+    header = (f"# Activation memory per strategy\n\n- command: `{shown}`\n- commit: {git_commit()}\n"
+              f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n"
+              f"- device: CPU ({platform.machine()}, {threads} threads); torch {torch.__version__}\n"
+              "- what: bytes autograd keeps after one training-mode forward (`measure.saved_bytes_by_module`), "
+              "fresh model (seed 0), seeded N(0, 1) batch; ratio = exact / strategy (SPEC.md activation_ratio)\n"
+              "- kept whole: the share of those bytes left uncompressed (see the script's docstring)\n")
+    targets = "\n## Targets\n\n" + "\n".join(checks) + "\n" if checks else ""
+    text = header + targets + "\n" + "\n\n".join(sections) + "\n"
+    print("\n" + text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
