@@ -6,7 +6,7 @@
 
 For each continuous activation and b = 1..4: the exact DP optimum of ∫ (f' - q)² w over piecewise-constant
 q with 2**b pieces and borders on the grid (actmem.strategies.fewbit.optimal_tables). About 10 s per
-activation at 4200 cells on 2 CPU cores; memory grows as cells² (≈ 0.8 GB at 4200).
+activation at 4200 cells on 2 CPU cores; memory grows as cells² (peak RSS 1.5 GB at 4200).
 """
 from __future__ import annotations
 
