@@ -1,0 +1,69 @@
+"""activation_ratio (exact bytes / strategy bytes) of every strategy, pinned just below its measured value
+at settings small enough for CI; the full-size figures are in results/activation-memory.md.
+
+A ratio that drops means a layer lost its compression; one that jumps means bytes stopped being counted
+(or a real gain: then measure again and move the pin). Measured with the batches below
+(`scripts/activation_memory.py`'s fresh model, seed 0, seeded N(0, 1) batch) on CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import yaml
+
+from actmem import models, strategies
+from actmem.measure import activation_bytes
+
+GiB = 2**30
+
+# (model, batch shape) -> {strategy spec: measured ratio}
+MEASURED = {
+    ("resnet18", (8, 3, 32, 32)): {  # every registered strategy that serves it (forward_ad does not)
+        "checkpoint": 3.1599, "actnn:level=L0": 0.9922, "actnn:level=L1": 1.6359, "actnn:level=L2": 6.3994,
+        "actnn:level=L3": 11.3405, "division": 9.8907, "division:compress_linear=false": 9.8536,
+        "blpa:bits=4": 1.9856, "blpa:bits=8": 1.8632, "fewbit": 0.9922, "combo": 11.3405,
+    },
+    ("preact_resnet56", (8, 3, 32, 32)): {
+        "checkpoint": 3.7937, "actnn:level=L0": 0.9884, "actnn:level=L1": 1.7198, "actnn:level=L2": 6.7849,
+        "actnn:level=L3": 11.9427, "division": 10.9327, "blpa:bits=4": 13.753, "blpa:bits=8": 7.4339,
+    },
+    # the anchors' model and image size at batch 2 (theirs is 64): codes and metadata are per sample, so
+    # the ratio hardly depends on the batch
+    ("resnet50", (2, 3, 224, 224)): {"actnn:level=L3": 11.9588, "division": 11.2374, "blpa:bits=4": 1.4019},
+}
+CASES = [(model, shape, spec, ratio) for (model, shape), specs in MEASURED.items() for spec, ratio in specs.items()]
+
+
+def _spec(spec: str) -> tuple[str, dict]:
+    """`name:key=value,...` as the script reads it (values in YAML)."""
+    name, _, rest = spec.partition(":")
+    return name, {k: yaml.safe_load(v) for k, v in (item.split("=") for item in filter(None, rest.split(",")))}
+
+
+def _bytes(model_name: str, shape, spec: str = "exact") -> int:
+    name, kw = _spec(spec)
+    if name not in strategies.STRATEGIES.names():
+        pytest.skip(f"strategy {name} is not registered")
+    torch.manual_seed(0)
+    model = strategies.apply(models.build(model_name, num_classes=10), name, **kw)
+    return activation_bytes(model, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+
+
+@functools.cache
+def _exact(model_name: str, shape) -> int:
+    return _bytes(model_name, shape)
+
+
+@pytest.mark.parametrize("model_name, shape, spec, measured", CASES, ids=[f"{m}-{s}" for m, _, s, _ in CASES])
+def test_ratio_pinned(model_name, shape, spec, measured):
+    ratio = _exact(model_name, shape) / _bytes(model_name, shape, spec)
+    assert 0.98 * measured <= ratio <= 1.08 * measured, f"{spec} on {model_name}: {ratio:.4f}x, measured {measured}x"
+
+
+def test_exact_resnet50_matches_the_anchor():
+    """Exact ResNet-50 at 224x224 keeps 5.14 GiB at batch 64 in the anchors; every saved tensor scales
+    with the batch, so 32 times batch 2 must be within 5% of it."""
+    b64 = 32 * _exact("resnet50", (2, 3, 224, 224))
+    assert abs(b64 / GiB / 5.14 - 1) < 0.05, f"{b64 / GiB:.3f} GiB"
