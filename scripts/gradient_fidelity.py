@@ -90,6 +90,7 @@ def main() -> int:
     specs = args.strategies or [*ACTNN, *ACTNN_BITS, *DIVISION,
                                 *(BLPA if "blpa" in strategies.STRATEGIES.names() else [])]
     cfgs = [parse(s) for s in specs]
+    commit, started = git_commit(), dt.datetime.now().isoformat(timespec="seconds")
     bundle = data.build({"name": "cifar10", "root": args.data_root, "train_subset": args.batch, "augment": False},
                         batch_size=args.batch, device="cpu", seed=0)
     x, y = next(iter(bundle.train))
@@ -103,8 +104,8 @@ def main() -> int:
                         f"{r['mean_err']:.2e} | {r['memory']:.1f}x |")
             print(rows[-1], flush=True)
     shown = " ".join(["python", *map(shlex.quote, sys.argv)])
-    header = (f"# Gradient fidelity on a real CIFAR-10 batch\n\n- command: `{shown}`\n- commit: {git_commit()}\n"
-              f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n"
+    header = (f"# Gradient fidelity on a real CIFAR-10 batch\n\n- command: `{shown}`\n- commit: {commit}\n"
+              f"- date: {started}\n"
               f"- device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}\n"
               f"- batch: the first {args.batch} images of the class-balanced CIFAR-10 training subset, no "
               f"augmentation; fresh weights (seed 0); {args.seeds} seeds per strategy after one warm-up step\n"

@@ -181,11 +181,11 @@ def _settings(cfg) -> tuple[str, float | None]:
     if cfg.level == "L3":
         bits = 2.0 if cfg.bits is None else float(cfg.bits)
         if not 1 <= bits <= MAX_BITS:
-            raise StrategyError(f"actnn: bits={cfg.bits} at L3 is the average budget; use 1..8 (default 2).")
+            raise StrategyError(f"actnn: bits={cfg.bits:g} at L3 is the average budget; use 1..8 (default 2).")
         return cfg.level, bits
     bits = 4 if cfg.bits is None else cfg.bits
     if bits not in UNIFORM_BITS:
-        raise StrategyError(f"actnn: bits={cfg.bits} at {cfg.level} is a uniform width; use one of "
+        raise StrategyError(f"actnn: bits={cfg.bits:g} at {cfg.level} is a uniform width; use one of "
                             f"{', '.join(map(str, UNIFORM_BITS))} (or level=L3 for an average budget).")
     return cfg.level, int(bits)
 

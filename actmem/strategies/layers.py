@@ -10,7 +10,9 @@
   these are lossless, so their backward is exact.
 
 A *codec* is what a strategy chooses per layer: `pack(x) -> Packed`, `unpack(p) -> Tensor`, and
-`observe(grad_output)`, called in each backward (ActNN's adaptive bit allocation learns from it).
+`observe(grad_output)`, called in each backward (ActNN's adaptive bit allocation learns from it);
+`keep(x)` is the uncompressed Packed, for inputs a codec would only enlarge. Layers not swapped:
+ConvTranspose, SyncBatchNorm, feature dropout (Dropout1d/2d/3d), and any subclass of a swapped type.
 Each swapped layer is an instance of a subclass of the original class, sharing its parameters, buffers
 and state_dict keys, so checkpoints load either way. Each Function saves only `packed.tensors()` with
 `save_for_backward` (what `actmem.measure` counts) and never the full-precision input. In eval mode,
@@ -131,7 +133,7 @@ def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple[int, ...]:
     if m.padding == "same":
         total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
         if any(t % 2 for t in total):
-            raise StrategyError(f"{type(m).__name__}(padding='same') with an even kernel pads asymmetrically "
+            raise StrategyError(f"{type(m).__name__}(padding='same') with an even kernel pads unevenly, "
                                 "which the compressed layer does not reproduce; give integer padding.")
         return tuple(t // 2 for t in total)
     return tuple(m.padding)
