@@ -41,7 +41,8 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run of the sweep")
     args = ap.parse_args()
     names = [n for n in STRATEGIES.names() if n != "combo"] if args.strategies == "all" else args.strategies.split(",")
-    stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    started, commit = dt.datetime.now(), git_commit()  # provenance of the runs, taken before they start
+    stamp = started.strftime("%Y-%m-%d_%H-%M-%S")
     sweep_dir = REPO / "outputs" / "sweeps" / stamp
     cmd = [sys.executable, "-m", "actmem.train", "-m", *args.overrides, f"strategy={','.join(names)}",
            f"hydra.sweep.dir={sweep_dir}"]
@@ -52,8 +53,8 @@ def main() -> int:
     table = render(load_runs([sweep_dir]), "md")
     shown = " ".join(["python", *map(shlex.quote, sys.argv)])
     level = "##" if args.append else "#"
-    header = (f"{level} {args.title}\n\n- command: `{shown}`\n- commit: {git_commit()}\n"
-              f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n- device: {device_line(args.overrides)}\n"
+    header = (f"{level} {args.title}\n\n- command: `{shown}`\n- commit: {commit} (each run's own is in its summary.json)\n"
+              f"- date: {started.isoformat(timespec='seconds')} (start)\n- device: {device_line(args.overrides)}\n"
               f"- torch {torch.__version__}; runs under `{sweep_dir.relative_to(REPO)}`\n")
     print("\n" + header + "\n" + table)
     if args.out:
