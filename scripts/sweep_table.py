@@ -53,7 +53,8 @@ def main() -> int:
     table = render(load_runs([sweep_dir]), "md")
     shown = " ".join(["python", *map(shlex.quote, sys.argv)])
     level = "##" if args.append else "#"
-    header = (f"{level} {args.title}\n\n- command: `{shown}`\n- commit: {commit} (each run's own is in its summary.json)\n"
+    header = (f"{level} {args.title}\n\n- command: `{shown}`\n"
+              f"- commit: {commit} (each run's own is in its summary.json)\n"
               f"- date: {started.isoformat(timespec='seconds')} (start)\n- device: {device_line(args.overrides)}\n"
               f"- torch {torch.__version__}; runs under `{sweep_dir.relative_to(REPO)}`\n")
     print("\n" + header + "\n" + table)
