@@ -15,17 +15,19 @@ quarter of the elements of the input of the layer saving them, and int64/int32 t
 indices). Smaller floating tensors are metadata (per-group scales, DIVISION's low-frequency part, BN
 statistics) and uint8/bool tensors are codes and masks. `--peak` adds, for the settings named, the
 peak resident memory of one training step (forward and backward) above the memory before it, each in
-a fresh process run with MALLOC_MMAP_THRESHOLD_=65536: glibc then returns every freed tensor to the
-system at once, so the peak is what was live (with its default, reused heap pages inflate the peak RSS
-of the same step by up to 2x and at random).
+a fresh process.
+
+glibc's malloc is told to map every allocation above 64 KiB on its own (M_MMAP_THRESHOLD), so a freed
+tensor goes back to the system at once: one model after another then fits in memory, and peak RSS is
+what was live (with the default, reused heap pages inflated the peak RSS of the same step by up to 2x).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import gc
 import json
-import os
 import platform
 import shlex
 import subprocess
@@ -192,7 +194,7 @@ def step_peak(setting_name: str, spec: str) -> None:
 
 def peak_in_child(setting_name: str, spec: str) -> int | None:
     out = subprocess.run([sys.executable, __file__, "--step-peak", setting_name, spec], capture_output=True,
-                         text=True, check=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+                         text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -228,7 +230,16 @@ def table(setting: Setting, rows: list[Row]) -> str:
     return "\n".join(lines) + "\n\nBytes by layer type (MiB):\n\n" + "\n".join(by_type)
 
 
+def return_freed_memory() -> None:
+    """mallopt(M_MMAP_THRESHOLD, 64 KiB) where the C library is glibc (module doc)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)
+    except OSError:  # not glibc: measure with its allocator as it is
+        pass
+
+
 def main() -> int:
+    return_freed_memory()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--strategies", nargs="+", help="strategy specs for every setting (default: each setting's list)")
@@ -271,7 +282,11 @@ def main() -> int:
 
     shown = " ".join(["python", *map(shlex.quote, sys.argv)])
     threads = torch.get_num_threads()
-    header = (f"# Activation memory per strategy\n\n- command: `{shown}`\n- commit: {git_commit()}\n"
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "actmem"], capture_output=True, text=True,
+                           cwd=Path(__file__).resolve().parent.parent).stdout.split("\n")
+    dirty = ", ".join(line[3:] for line in dirty if line.strip())
+    header = (f"# Activation memory per strategy\n\n- command: `{shown}`\n- commit: {git_commit()}"
+              f"{f' (with uncommitted changes to {dirty})' if dirty else ''}\n"
               f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n"
               f"- device: CPU ({platform.machine()}, {threads} threads); torch {torch.__version__}\n"
               "- what: bytes autograd keeps after one training-mode forward (`measure.saved_bytes_by_module`), "

@@ -36,7 +36,8 @@ Deviations from the official code, each to keep the model and its forward unchan
 - The official ResNet-164 uses parameter-free (pool + zero-pad) shortcuts; ours has projection convs on
   the pre-activated tensor, which share the block's code.
 - Only Conv2d with zero, integer padding joins a chain (others stay exact); chains are BatchNorm2d
-  (affine) -> nn.ReLU module -> Conv2d module; a functional relu leaves its BN exact.
+  (affine) -> nn.ReLU module -> Conv2d module: a functional relu, or a Dropout between ReLU and conv
+  (wrn28_10 with dropout > 0), leaves that BN exact.
 """
 from __future__ import annotations
 
