@@ -238,6 +238,20 @@ def return_freed_memory() -> None:
         pass
 
 
+def provenance() -> str:
+    """Command, commit (and uncommitted changes to the package), date, device: taken at the start."""
+    shown = " ".join(["python", *map(shlex.quote, sys.argv)])
+    status = subprocess.run(["git", "status", "--porcelain", "--", "actmem"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()
+    dirty = f" (with uncommitted changes to {', '.join(line[3:] for line in status)})" if status else ""
+    return (f"- command: `{shown}`\n- commit: {git_commit()}{dirty}\n"
+            f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n"
+            f"- device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}\n"
+            "- what: bytes autograd keeps after one training-mode forward (`measure.saved_bytes_by_module`), "
+            "fresh model (seed 0), seeded N(0, 1) batch; ratio = exact / strategy (SPEC.md activation_ratio)\n"
+            "- kept whole: the share of those bytes left uncompressed (see the script's docstring)\n")
+
+
 def main() -> int:
     return_freed_memory()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -251,6 +265,7 @@ def main() -> int:
     if args.step_peak:
         step_peak(*args.step_peak)
         return 0
+    header = "# Activation memory per strategy\n\n" + provenance()
 
     sections, results = [], {}
     for key in args.settings:
@@ -280,18 +295,6 @@ def main() -> int:
             checks.append(f"- `{spec}` on {key}: {ratio:.2f}x, target >= {target:g}x: "
                           f"{'met' if ratio >= target else 'MISSED'}")
 
-    shown = " ".join(["python", *map(shlex.quote, sys.argv)])
-    threads = torch.get_num_threads()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "actmem"], capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parent.parent).stdout.split("\n")
-    dirty = ", ".join(line[3:] for line in dirty if line.strip())
-    header = (f"# Activation memory per strategy\n\n- command: `{shown}`\n- commit: {git_commit()}"
-              f"{f' (with uncommitted changes to {dirty})' if dirty else ''}\n"
-              f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n"
-              f"- device: CPU ({platform.machine()}, {threads} threads); torch {torch.__version__}\n"
-              "- what: bytes autograd keeps after one training-mode forward (`measure.saved_bytes_by_module`), "
-              "fresh model (seed 0), seeded N(0, 1) batch; ratio = exact / strategy (SPEC.md activation_ratio)\n"
-              "- kept whole: the share of those bytes left uncompressed (see the script's docstring)\n")
     targets = "\n## Targets\n\n" + "\n".join(checks) + "\n" if checks else ""
     text = header + targets + "\n" + "\n\n".join(sections) + "\n"
     print("\n" + text)
