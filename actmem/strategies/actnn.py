@@ -85,11 +85,11 @@ def sample_range_sq(x: torch.Tensor, group_size: int) -> torch.Tensor:
     """||R_n||^2: the sum over sample n's groups of (max - min)^2, fp32 [N]."""
     flat = x.detach().reshape(x.shape[0], -1)
     full = flat.shape[1] - flat.shape[1] % group_size
-    lo, hi = flat[:, :full].unflatten(1, (-1, group_size)).aminmax(dim=2)
-    r2 = (hi - lo).float().square().sum(1)
+    groups = flat[:, :full].unflatten(1, (-1, group_size))
+    r2 = (groups.amax(2) - groups.amin(2)).float().square().sum(1)  # amin + amax: ~25x aminmax on CPU
     if full < flat.shape[1]:
-        lo, hi = flat[:, full:].aminmax(dim=1)
-        r2 += (hi - lo).float().square()
+        tail = flat[:, full:]
+        r2 += (tail.amax(1) - tail.amin(1)).float().square()
     return r2
 
 

@@ -253,8 +253,8 @@ class _MaskFn(Function):
     @staticmethod
     def backward(ctx, grad):
         packed, _ = _load(ctx)
-        scaled = grad if ctx.scale == 1 else grad * ctx.scale
-        return torch.where(unpack_mask(packed), scaled, 0), None, None
+        gx = grad * unpack_mask(packed)  # on CPU ~7x faster than torch.where (NaN grads stay NaN)
+        return (gx if ctx.scale == 1 else gx.mul_(ctx.scale)), None, None
 
 
 class _ReLUFn(_MaskFn):

@@ -120,5 +120,7 @@ def test_gradient_fidelity_on_a_real_batch(cifar10_root):
                         batch_size=32, device="cpu", seed=0)
     x, y = next(iter(bundle.train))
     torch.manual_seed(0)
-    r = script.fidelity(models.build("resnet20", num_classes=10), x, y, {"name": "division"}, seeds=2)
-    assert r["cos"] > 0.92 and r["rel_var"] < 0.18 and r["memory"] > 11  # measured 0.940, 0.132, 11.3x
+    model = models.build("resnet20", num_classes=10)
+    r = script.fidelity(model, x, y, {"name": "division"}, seeds=2)
+    assert r["cos"] > 0.92 and r["rel_var"] < 0.18  # measured 0.940, 0.132, 11.3x
+    assert activation_bytes(model, x) / r["bytes"] > 11
