@@ -75,8 +75,25 @@ def activation_bytes(model: nn.Module, batch, **kw) -> int:
     return sum(saved_bytes_by_module(model, batch, **kw).values())
 
 
+def reset_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux: VmHWM), so that the runs of a sweep, which Hydra runs
+    one after another in one process, each get their own peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far."""
+    """Peak resident memory of this process since the last reset_peak_rss (or its start)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 

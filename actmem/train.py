@@ -19,7 +19,7 @@ from actmem import data, models, resume, strategies
 from actmem.config import register_configs, validate
 from actmem.engine import Precision, evaluate, train_epoch
 from actmem.errors import ActmemError, ConfigError
-from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes
+from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes, reset_peak_rss
 from actmem.optim import build_optimizer, build_scheduler
 from actmem.runlog import RunLog, git_commit, versions, write_json_atomic
 
@@ -79,6 +79,7 @@ def measure_activations(model: nn.Module, batch, precision: Precision) -> int:
 
 def run(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
     t_start = time.perf_counter()
+    reset_peak_rss()
     validate(cfg)
     trainer = cfg.trainer
     device = resolve_device(trainer.device)

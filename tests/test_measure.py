@@ -13,7 +13,7 @@ import torch.nn as nn
 from helpers import REPO
 
 from actmem import models, strategies
-from actmem.measure import Throughput, activation_bytes, saved_bytes_by_module
+from actmem.measure import Throughput, activation_bytes, peak_rss_bytes, reset_peak_rss, saved_bytes_by_module
 
 RSS_PROBE = r"""
 import gc, json, sys, torch
@@ -103,3 +103,11 @@ def test_throughput_skips_warmup_steps():
         meter.start()
         meter.stop(10)
     assert meter.images == 30 and meter.img_per_s > 0
+
+
+def test_peak_rss_can_be_reset_between_runs():
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    high = peak_rss_bytes()
+    del big
+    reset_peak_rss()
+    assert peak_rss_bytes() < high - 32 * 2**20
