@@ -34,10 +34,10 @@ def test_forward_is_bit_identical_in_train_and_eval(name):
     exact = models.build(name, num_classes=10, **kw)
     twin = strategies.apply(copy.deepcopy(exact), "actnn")
     x = torch.randn(shape)
-    for _ in range(2):  # the second step runs with reallocated budgets and updated statistics
-        out_e, out_c = exact(x), twin(x)
-        assert torch.equal(out_e, out_c)
-        out_c.sum().backward()
+    out_c = twin(x)
+    assert torch.equal(exact(x), out_c)
+    out_c.sum().backward()
+    assert torch.equal(exact(x), twin(x))  # with reallocated budgets and updated statistics
     for (n, be), bc in zip(exact.named_buffers(), twin.buffers()):
         assert torch.equal(be, bc), n
     exact.eval(), twin.eval()
@@ -155,7 +155,7 @@ def test_gradients_are_unbiased(level):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    few, many = _mean_gradient_errors(model, torch.randn(4, 3, 16, 16), (16, 256), level=level, bits=2)
+    few, many = _mean_gradient_errors(model, torch.randn(4, 3, 16, 16), (8, 128), level=level, bits=2)
     assert many < few / 3
 
 
