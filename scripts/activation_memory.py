@@ -8,7 +8,7 @@ A strategy is `name` or `name:key=value,key=value` (values read as YAML: `divisi
 One that is not registered, or that refuses the model, gets a row saying so. Bytes are counted by
 `actmem.measure.saved_bytes_by_module` (what autograd keeps after one training-mode forward of a fresh
 model, seed 0, on a seeded N(0, 1) batch); they do not depend on the device, so this runs on the CPU,
-one model at a time (resnet50 at 224x224, batch 64 keeps about 5 GiB exact).
+each model in a fresh process (resnet50 at 224x224, batch 64 keeps about 5 GiB exact).
 
 "Kept whole" is what a strategy leaves uncompressed: saved floating-point tensors with more than a
 quarter of the elements of the input of the layer saving them, and int64/int32 tensors (exact max-pool
@@ -33,7 +33,7 @@ import shlex
 import subprocess
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -120,7 +120,7 @@ def kept_whole_by_module(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
             whole = (t.is_floating_point() and 4 * numel > input_numel[stack[-1]]) or \
                 t.dtype in (torch.int64, torch.int32)
             seen[ptr] = (stack[-1], storage.nbytes() if whole else 0)
-        return t
+        return t.detach()  # not t itself: a saved output would hold its own graph in a cycle, never freed
 
     try:
         with _module_scope(model) as stack, torch.enable_grad(), \
@@ -178,23 +178,25 @@ def measure(setting: Setting, spec: str) -> Row:
     return Row(spec, total=sum(saved.values()), whole=sum(whole.values()), by_type=dict(by_type), top_whole=top)
 
 
-def step_peak(setting_name: str, spec: str) -> None:
-    """Child process: print the peak RSS of one training step above the RSS before it (bytes)."""
-    setting = SETTINGS[setting_name]
-    model, note = build(setting, spec)
+def step_peak(setting: Setting, spec: str) -> int | None:
+    """Peak RSS of one training step above the RSS before it (bytes); run in a fresh process."""
+    model, _ = build(setting, spec)
     if model is None:
-        print(json.dumps(None))
-        return
+        return None
     x, y = batch(setting), torch.zeros(setting.shape[0], dtype=torch.long)
     gc.collect()
     before = current_rss_bytes()
     F.cross_entropy(model(x), y).backward()
-    print(json.dumps(peak_rss_bytes() - before))
+    return peak_rss_bytes() - before
 
 
-def peak_in_child(setting_name: str, spec: str) -> int | None:
-    out = subprocess.run([sys.executable, __file__, "--step-peak", setting_name, spec], capture_output=True,
-                         text=True, check=True)
+def child(task: str, setting_name: str, spec: str):
+    """Run `task` for one model in a fresh process: its memory (and any leaked by a measurement) goes
+    back to the system when it exits, and the next model starts from nothing."""
+    out = subprocess.run([sys.executable, __file__, "--child", task, setting_name, spec], capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise RuntimeError(f"{task} {setting_name} {spec} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -260,10 +262,12 @@ def main() -> int:
     ap.add_argument("--peak", nargs="*", default=[], choices=list(SETTINGS),
                     help="settings whose rows also get the peak RSS of one training step")
     ap.add_argument("--out", type=Path, help="also write the tables, with their provenance, to this markdown file")
-    ap.add_argument("--step-peak", nargs=2, metavar=("SETTING", "SPEC"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, metavar=("TASK", "SETTING", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.step_peak:
-        step_peak(*args.step_peak)
+    if args.child:
+        task, key, spec = args.child
+        result = step_peak(SETTINGS[key], spec) if task == "peak" else asdict(measure(SETTINGS[key], spec))
+        print(json.dumps(result))
         return 0
     header = "# Activation memory per strategy\n\n" + provenance()
 
@@ -272,12 +276,11 @@ def main() -> int:
         setting = SETTINGS[key]
         rows = []
         for spec in expand(args.strategies or setting.strategies):
-            row = measure(setting, spec)
+            row = Row(**child("measure", key, spec))
             if key in args.peak and row.total:
-                row.peak = peak_in_child(key, spec)
+                row.peak = child("peak", key, spec)
             rows.append(row)
             results[key, spec] = row
-            gc.collect()
             print(f"{key} {spec}: {fmt_bytes(row.total) if row.total else row.note[:100]}", flush=True)
         sections.append(f"## {setting.title}\n\nsetting `{key}`: `models.build({setting.model!r}, "
                         f"num_classes={setting.num_classes})`, input {list(setting.shape)}\n\n{table(setting, rows)}")
