@@ -5,7 +5,7 @@ Levels, as the official `set_optimization_level`:
 - L0: ReLU and Dropout keep a 1-bit mask, MaxPool2d the argmax inside its window; Conv, Linear and
   BatchNorm save their input as exact training does (so L0 keeps about as much as exact).
 - L1: + Conv/Linear inputs at 4 bits (`compress.quantize`: per-sample groups of 256 over C*H*W,
-  bf16 min/scale, stochastic rounding); BatchNorm stays exact.
+  bf16 min and step, stochastic rounding); BatchNorm stays exact.
 - L2: + BatchNorm inputs at 4 bits.
 - L3 (default): 2 bits on average with per-sample and per-layer mixed precision (below).
 The official L3.1, L4, L5 and "swap" add memory-system tricks (cudnn autotuning off, cache
@@ -20,8 +20,8 @@ L3 (QScheme for Conv/Linear, QBNScheme for BatchNorm):
 - Each forward splits a layer's budget b_l (N * b_l bits in all) across its N samples greedily,
   minimising sum_n C_n / (2^b_n - 1)^2 with b_n from 8 down to 1 (the common factor s does not change
   the split). After each backward the layers' budgets are reallocated jointly: the same greedy over
-  every (layer, sample) pair, each weighing the layer's elements per sample, under the average
-  `bits`; b_l = mean over its samples (done at the first forward after the backward).
+  every (layer, sample) pair, each weighing the elements per sample its width covers, under the
+  average `bits`; b_l = mean over its samples (done at the first forward after the backward).
 - BatchNorm: the budget of the Conv/Linear layer that ran last before it (the average budget before
   any has run), split across samples by ||R_n||^2 alone. That layer's weight in the joint allocation
   counts these borrowed elements too, so `bits` is the average over every compressed element; the
@@ -39,7 +39,8 @@ L3 (QScheme for Conv/Linear, QBNScheme for BatchNorm):
 Other differences from the official code: average pooling stays average pooling (the official
 `QAvgPool2d` silently runs max pooling); the max-pool index takes ceil(log2(k*k)) bits (4 for 3x3),
 not a byte; Dropout keeps a 1-bit mask (the official code has no Dropout layer); the last partial
-group of a sample does not count its padding in the ranges (the official code pads with zeros).
+group of a sample does not count its padding in the ranges (the official code pads with zeros);
+ConvTranspose and SyncBatchNorm stay exact (the official code has layers for them).
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class ActnnConfig:
 
 def greedy_bits(cost: torch.Tensor, weight: torch.Tensor, target: int) -> torch.Tensor:
     """Widths b_i in 1..8 minimising sum_i cost_i / (2^b_i - 1)^2 subject to sum_i weight_i b_i <= target
-    (int weights), by ActNN's greedy from 8 bits down; int64 tensor like `cost`."""
+    (int weights), by ActNN's greedy from 8 bits down; an int64 tensor on cost's device."""
     width = torch.arange(MAX_BITS, 1, -1, device=cost.device, dtype=torch.float64)  # before each decrement
     gain = ((2 ** (width - 1) - 1) ** -2 - (2**width - 1) ** -2).float()
     steps = (cost.float() / weight)[:, None] * gain  # [items, 7], increasing along each row
@@ -193,8 +194,8 @@ def _settings(cfg) -> tuple[str, float | None]:
 @STRATEGIES.register("actnn", schema=ActnnConfig)
 def apply_actnn(model: nn.Module, cfg) -> nn.Module:
     level, bits = _settings(cfg)
-    if cfg.group_size < 1:
-        raise StrategyError(f"actnn: group_size={cfg.group_size}; use a positive size (the paper's is 256).")
+    if cfg.group_size < 8 or cfg.group_size % 8:
+        raise StrategyError(f"actnn: group_size={cfg.group_size}; use a positive multiple of 8 (the paper's is 256).")
     allocator = BitAllocator(bits, cfg.group_size) if level == "L3" else None
 
     def codec_for(name, module):
