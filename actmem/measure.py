@@ -57,7 +57,7 @@ def saved_bytes_by_module(model: nn.Module, batch, *, autocast_dtype: torch.dtyp
             ptr = storage.data_ptr()
             if ptr and ptr not in excluded and ptr not in seen:
                 seen[ptr] = (stack[-1], storage.nbytes())
-            return t
+            return t.detach()  # holding t itself would tie the graph into a cycle that outlives the call
 
         autocast = torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
