@@ -94,6 +94,17 @@ def expand(specs: list[str]) -> list[str]:
     return [t for s in specs for t in (rest if s == "*" else [s])]
 
 
+def group(name: str, modules: dict[str, nn.Module]) -> str:
+    """A layer by its part in its block, the same in every block (`layer1.0.bn3` -> `Bottleneck.bn3`);
+    a layer outside any block by its name."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        block = modules.get(".".join(parts[:i]))
+        if isinstance(block, models.block_types()):
+            return f"{type(block).__name__}.{'.'.join(parts[i:])}"
+    return name
+
+
 def layer_type(module: nn.Module | None) -> str:
     """A swapped layer counts as the torch.nn class it replaces (BlpaConv2d -> Conv2d)."""
     if module is None:
@@ -143,7 +154,8 @@ class Row:
     total: int = 0
     whole: int = 0
     by_type: dict[str, int] = field(default_factory=dict)
-    top_whole: list[tuple[str, int]] = field(default_factory=list)
+    whole_by_type: dict[str, int] = field(default_factory=dict)
+    top_whole: list[tuple[str, int]] = field(default_factory=list)  # the largest layer groups (`group`)
     peak: int | None = None
 
 
@@ -172,10 +184,16 @@ def measure(setting: Setting, spec: str) -> Row:
     whole = kept_whole_by_module(model, x)
     modules = dict(model.named_modules())
     by_type: dict[str, int] = defaultdict(int)
+    whole_by_type: dict[str, int] = defaultdict(int)
+    by_group: dict[str, int] = defaultdict(int)
     for name, nbytes in saved.items():
         by_type[layer_type(modules.get(name))] += nbytes
-    top = sorted(((n, b) for n, b in whole.items() if b), key=lambda nb: -nb[1])[:3]
-    return Row(spec, total=sum(saved.values()), whole=sum(whole.values()), by_type=dict(by_type), top_whole=top)
+    for name, nbytes in whole.items():
+        whole_by_type[layer_type(modules.get(name))] += nbytes
+        by_group[group(name, modules)] += nbytes
+    top = sorted(((n, b) for n, b in by_group.items() if b), key=lambda nb: -nb[1])[:3]
+    return Row(spec, total=sum(saved.values()), whole=sum(whole.values()), by_type=dict(by_type),
+               whole_by_type=dict(whole_by_type), top_whole=top)
 
 
 def step_peak(setting: Setting, spec: str) -> int | None:
@@ -209,7 +227,7 @@ def table(setting: Setting, rows: list[Row]) -> str:
     show_paper = bool(setting.paper_gib)
     show_peak = any(r.peak is not None for r in rows)
     head = ["strategy", "activation", "ratio"] + (["paper"] if show_paper else []) + \
-        ["kept whole", "largest layers kept whole"] + (["step peak RSS"] if show_peak else [])
+        ["kept whole", "where: the 3 largest groups of layers kept whole"] + (["step peak RSS"] if show_peak else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         paper = setting.paper_gib.get(r.spec)
@@ -228,8 +246,9 @@ def table(setting: Setting, rows: list[Row]) -> str:
     by_type = ["| layer type | " + " | ".join(f"`{r.spec}`" for r in measured) + " |",
                "|" + "---|" * (len(measured) + 1)]
     for t in types:
-        by_type.append(f"| {t} | " + " | ".join(f"{r.by_type.get(t, 0) / MiB:.1f}" for r in measured) + " |")
-    return "\n".join(lines) + "\n\nBytes by layer type (MiB):\n\n" + "\n".join(by_type)
+        cells = (f"{r.by_type.get(t, 0) / MiB:.1f} ({r.whole_by_type.get(t, 0) / MiB:.1f})" for r in measured)
+        by_type.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nBytes by layer type, MiB (of which kept whole):\n\n" + "\n".join(by_type)
 
 
 def return_freed_memory() -> None:
