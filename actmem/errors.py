@@ -15,3 +15,7 @@ class DataNotFoundError(ActmemError):
 
 class StrategyError(ConfigError):
     """A strategy cannot serve this model (or this combination of strategies)."""
+
+
+class NonFiniteError(ActmemError, ValueError):
+    """A tensor to compress holds NaN or Inf: it has no code, and training has usually diverged."""

@@ -26,6 +26,7 @@ MB = 2**20
 STRATEGIES = [
     ("exact", {}), *((f"fewbit b={b}", {"name": "fewbit", "bits": b}) for b in (1, 2, 3, 4)),
     ("forward_ad", {"name": "forward_ad"}), ("checkpoint (block)", {"name": "checkpoint"}),
+    ("actnn (L3)", {"name": "actnn"}),
     ("combo fewbit+actnn", {"name": "combo", "parts": ["fewbit", "actnn"]}),
     ("combo forward_ad+actnn", {"name": "combo", "parts": ["forward_ad", "actnn"]}),
 ]

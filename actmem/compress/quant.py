@@ -39,7 +39,7 @@ from actmem.compress import triton_quant
 from actmem.compress.backend import use_triton
 from actmem.compress.packed import Packed, decode, register_layout
 from actmem.compress.packing import pack_blocks_, unpack_codes
-from actmem.errors import ConfigError
+from actmem.errors import ConfigError, NonFiniteError
 
 WIDTHS = (1, 2, 4, 8)
 SLAB = 1 << 18  # elements per step of the reference: each float32 temporary is 1 MiB
@@ -50,7 +50,7 @@ def quantize(x: torch.Tensor, bits, group_size: int = 256, stochastic: bool = Tr
              seed: int | None = None, check: bool = True) -> Packed:
     """Quantize x to `bits` bits per value (1, 2, 4 or 8; or a 1-D tensor of per-sample widths 1..8)
     in groups of `group_size` values. `seed` fixes the stochastic rounding (default: drawn from
-    torch's global RNG, so torch.manual_seed reproduces a run). `check` raises ValueError on NaN/Inf
+    torch's global RNG, so torch.manual_seed reproduces a run). `check` raises NonFiniteError on NaN/Inf
     input; it costs one reduction over the per-group steps (and a sync on GPU)."""
     if x.dtype not in _META:
         raise ConfigError(f"quantize takes float32, float16 or bfloat16 tensors, got {x.dtype}; cast x.")
@@ -69,7 +69,7 @@ def quantize(x: torch.Tensor, bits, group_size: int = 256, stochastic: bool = Tr
     else:
         codes = _quantize_reference(x2, widths, group_size, stochastic, seed, lo, step)
     if check and not bool(torch.isfinite(step).all()):
-        raise ValueError("quantize: x holds NaN or Inf values, which have no quantized code; check the "
+        raise NonFiniteError("quantize: x holds NaN or Inf values, which have no quantized code; check the "
                          "forward pass for overflow (or pass check=False to skip this test).")
     if isinstance(widths, int):
         meta, bits = (lo, step), widths

@@ -24,7 +24,7 @@ the very numbers quantization did (the official code quantizes with fp32 ones an
 bf16 roundings, a small bias). Stochastic rounding `floor((hfc - min) / step + u)`, u ~ U[0, 1), is
 unbiased; `stochastic=False` rounds to nearest. Arithmetic in fp32 (an fp64 input is rounded to fp32
 first); the block sums in fp64, which makes them exact for all but extreme data and so the same in
-both backends. NaN or Inf in the input raise ActmemError.
+both backends. NaN or Inf in the input raise NonFiniteError.
 
 Packed: codes, meta = (lfc bf16 [P, Hp, Wp], stats bf16 [P, 2] = (min, step)); P = planes. Each
 plane's H·W codes are packed from a byte boundary, bits * ceil(H·W / 8) bytes (7x7: 56 code slots
@@ -40,7 +40,7 @@ from actmem.compress.backend import use_triton
 from actmem.compress.packed import Packed, register_layout
 from actmem.compress.packing import check_bits, pack_blocks_, unpack_codes
 from actmem.compress.quant import SLAB
-from actmem.errors import ActmemError, ConfigError
+from actmem.errors import ConfigError, NonFiniteError
 
 
 def split_geometry(shape: torch.Size, block: int) -> tuple[int, int, int, int, int]:
@@ -152,7 +152,7 @@ def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: b
         codes, lfc, stats = _compress_reference(x, geometry, bits, stochastic, seed)
     if not torch.isfinite(stats).all():
         bad = int((~torch.isfinite(stats)).any(1).sum())
-        raise ActmemError(f"split_quantize: the input holds NaN, Inf or values too large to quantize ({bad} "
+        raise NonFiniteError(f"split_quantize: the input holds NaN, Inf or values too large to quantize ({bad} "
                           f"of its {P} planes); the forward pass has diverged: lower the learning rate or "
                           "check the data.")
     return Packed(codes, (lfc, stats), x.shape, x.dtype, bits, "split", {"block": int(block)})

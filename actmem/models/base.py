@@ -6,11 +6,20 @@ pooling is its own module at each use site, and forwards have no data-dependent 
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from actmem.registry import Registry
 
 MODELS = Registry("model")
+
+
+class MatMul(nn.Module):
+    """`a @ b` as a module, so that a strategy can swap what it keeps for backward (attention's
+    scores and mixing are products of two activations, which autograd keeps whole)."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(a, b)
 
 
 def init_cnn_(model: nn.Module) -> None:

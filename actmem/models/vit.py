@@ -1,8 +1,8 @@
 """A small Vision Transformer for 32x32 images: 4x4 patches (64 tokens) plus a class token, learned
 position embeddings, pre-norm blocks, GELU MLPs; the head reads the class token.
 
-Attention is written out (Linear qkv, matmul, nn.Softmax, matmul, Linear) rather than fused, so a
-strategy sees and can swap each piece, and the softmax output autograd keeps is visible.
+Attention is written out (Linear qkv, MatMul, nn.Softmax, MatMul, Linear) rather than fused, so a
+strategy sees and can swap each piece, and what autograd keeps of each is visible.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from actmem.errors import ConfigError
-from actmem.models.base import MODELS
+from actmem.models.base import MODELS, MatMul
 
 IMAGE_SIZE, PATCH_SIZE = 32, 4
 
@@ -21,14 +21,16 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.scores = MatMul()
         self.softmax = nn.Softmax(dim=-1)
+        self.mix = MatMul()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):  # x: [B, N, dim]
         qkv = self.qkv(x).unflatten(-1, (3, self.heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, N, head_dim]
-        attn = self.softmax((q * self.scale) @ k.transpose(-2, -1))
-        return self.proj((attn @ v).transpose(1, 2).flatten(2))
+        attn = self.softmax(self.scores(q * self.scale, k.transpose(-2, -1)))
+        return self.proj(self.mix(attn, v).transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):

@@ -6,7 +6,8 @@ Levels, as the official `set_optimization_level`:
   BatchNorm save their input as exact training does (so L0 keeps about as much as exact).
 - L1: + Conv/Linear inputs at 4 bits (`compress.quantize`: per-sample groups of 256 over C*H*W,
   bf16 min and step, stochastic rounding); BatchNorm stays exact.
-- L2: + BatchNorm inputs at 4 bits.
+- L2: + BatchNorm inputs at 4 bits; here also LayerNorm inputs, Softmax outputs and both operands of
+  `MatMul` (attention), which the paper's layer set does not cover (see below).
 - L3 (default): 2 bits on average with per-sample and per-layer mixed precision (below).
 The official L3.1, L4, L5 and "swap" add memory-system tricks (cudnn autotuning off, cache
 emptying, micro-batched conv backward, swapping to CPU, a patched allocator) and keep the same state
@@ -22,12 +23,12 @@ L3 (QScheme for Conv/Linear, QBNScheme for BatchNorm):
   the split). After each backward the layers' budgets are reallocated jointly: the same greedy over
   every (layer, sample) pair, each weighing the elements per sample its width covers, under the
   average `bits`; b_l = mean over its samples (done at the first forward after the backward).
-- BatchNorm: the budget of the Conv/Linear layer that ran last before it (the average budget before
-  any has run), split across samples by ||R_n||^2 alone. That layer's weight in the joint allocation
-  counts these borrowed elements too, so `bits` is the average over every compressed element; the
-  official code counts only Conv/Linear inputs, and its BatchNorms can lift the real average above
-  `bits` (measured on resnet50, 224x224, batch 4, random data: 10.7x less memory than exact after
-  the first step with the official rule, 12.1x with this one).
+- BatchNorm (and LayerNorm, Softmax, MatMul): the budget of the Conv/Linear layer that ran last
+  before it (the average budget before any has run), split across samples by ||R_n||^2 alone. That
+  layer's weight in the joint allocation counts these borrowed elements too, so `bits` is the average
+  over every compressed element; the official code counts only Conv/Linear inputs, and its BatchNorms
+  can lift the real average above `bits` (measured on resnet50, 224x224, batch 4, random data: 10.7x
+  less memory than exact after the first step with the official rule, 12.1x with this one).
 - First iteration: no gradient has been seen yet. The official code starts from s = 0, which makes
   every C_n zero and its heap's split arbitrary (by sample index). Here every layer starts at the
   average budget and splits it by ranges; the joint per-layer allocation starts after the first
@@ -40,7 +41,11 @@ Other differences from the official code: average pooling stays average pooling 
 `QAvgPool2d` silently runs max pooling); the max-pool index takes ceil(log2(k*k)) bits (4 for 3x3),
 not a byte; Dropout keeps a 1-bit mask (the official code has no Dropout layer); the last partial
 group of a sample does not count its padding in the ranges (the official code pads with zeros);
-ConvTranspose and SyncBatchNorm stay exact (the official code has layers for them).
+ConvTranspose and SyncBatchNorm stay exact (the official code has layers for them). Transformer
+pieces are an extension: the paper and its code target CNNs, and on a ViT they would leave LayerNorm
+inputs, the attention's q/k/v and the softmax output (70% of vit_tiny's saved bytes outside the MLP)
+kept whole. Here they are quantized like BatchNorm inputs (per-sample groups, borrowed budget), as
+ActNN's successor GACT (Liu et al., ICML 2022) compresses every saved tensor.
 """
 from __future__ import annotations
 
@@ -54,9 +59,10 @@ from actmem import compress
 from actmem.compress.packed import Packed
 from actmem.errors import StrategyError
 from actmem.strategies.base import STRATEGIES
-from actmem.strategies.layers import BATCHNORM, Codec, swap_layers
+from actmem.strategies.layers import BATCHNORM, TRANSFORMER, Codec, swap_layers
 
 LEVELS = ("L0", "L1", "L2", "L3")
+BORROWERS = {**BATCHNORM, **TRANSFORMER}  # layers without a weight matrix: L2 and up, on a borrowed L3 budget
 UNIFORM_BITS = (1, 2, 4, 8)
 MAX_BITS = 8
 
@@ -148,7 +154,7 @@ class BitAllocator:
         self.stale = False  # a backward has run since the last allocation
 
     def codec(self, module: nn.Module) -> _AdaptiveCodec:
-        if type(module) in BATCHNORM:
+        if type(module) in BORROWERS:
             return _AdaptiveCodec(self, None)
         kernel = getattr(module, "kernel_size", (1,))
         codec = _AdaptiveCodec(self, math.prod(kernel) / 4 / getattr(module, "groups", 1))
@@ -199,7 +205,7 @@ def apply_actnn(model: nn.Module, cfg) -> nn.Module:
     allocator = BitAllocator(bits, cfg.group_size) if level == "L3" else None
 
     def codec_for(name, module):
-        if level == "L0" or (level == "L1" and type(module) in BATCHNORM):
+        if level == "L0" or (level == "L1" and type(module) in BORROWERS):
             return None
         return allocator.codec(module) if allocator else GroupCodec(bits, cfg.group_size)
 

@@ -46,6 +46,13 @@ class Claimed:
     """Mixin for every module a strategy puts in place. Later strategies (combo's later parts) leave a
     claimed module, and everything inside it, alone."""
 
+    @classmethod
+    def swap(cls, module: nn.Module, **attrs):
+        """The same module (parameters, buffers, hooks, state_dict keys) as an instance of cls, plus attrs."""
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__, **attrs)
+        return new
+
 
 def replace_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
                     make: Callable[[nn.Module], nn.Module]) -> list[str]:

@@ -54,6 +54,7 @@ from actmem.compress.grid import grid_dequantize, grid_quantize
 from actmem.compress.packed import Packed
 from actmem.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
+from actmem.strategies.layers import autocast_inputs, load_packed, save_packed
 
 BITS = (4, 8)
 
@@ -98,17 +99,6 @@ def rebuild_input(packed: Packed, gamma: torch.Tensor) -> torch.Tensor:
     return u.relu_().mul_(_channel(gamma.detach().abs().float(), u))
 
 
-def _save(ctx, packed: Packed, *others: torch.Tensor) -> None:
-    """Save the packed tensors visibly (what actmem.measure counts); only the layout stays on ctx."""
-    ctx.layout, ctx.num_packed = dataclasses.replace(packed, codes=None, meta=()), len(packed.tensors())
-    ctx.save_for_backward(*packed.tensors(), *others)
-
-
-def _load(ctx) -> tuple[Packed, tuple[torch.Tensor, ...]]:
-    saved = ctx.saved_tensors
-    return ctx.layout.with_tensors(saved[: ctx.num_packed]), saved[ctx.num_packed:]
-
-
 # --- autograd ---------------------------------------------------------------------------------------------
 
 class _BatchNormReLUFn(Function):
@@ -116,12 +106,12 @@ class _BatchNormReLUFn(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, z, packed, invstd):
-        _save(ctx, packed, invstd, weight, bias)
+        save_packed(ctx, [packed], invstd, weight, bias)
         return torch.relu(z)
 
     @staticmethod
     def backward(ctx, grad_y):
-        packed, (invstd, weight, bias) = _load(ctx)
+        (packed,), (invstd, weight, bias) = load_packed(ctx)
         u = _decode_u(packed)
         g = torch.where(u > 0, grad_y.float(), 0.0)  # bin midpoints are never 0: u_hat > 0 is ReLU's mask
         gamma, beta = weight.float(), bias.float()
@@ -140,14 +130,14 @@ class _ConvFromCodeFn(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, code, stride, padding, dilation, groups):
-        _save(ctx, code.packed, weight, code.gamma.detach())
+        save_packed(ctx, [code.packed], weight, code.gamma.detach())
         ctx.conv = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
-        packed, (weight, gamma) = _load(ctx)
+        (packed,), (weight, gamma) = load_packed(ctx)
         stride, padding, dilation, groups = ctx.conv
         y_hat = rebuild_input(packed, gamma).to(weight.dtype)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
@@ -156,28 +146,9 @@ class _ConvFromCodeFn(Function):
         return gx, gw, gb, None, None, None, None, None
 
 
-def _autocast(*tensors):
-    """Cast as autocast does for conv, before the Function, so it computes (and saves) what the exact
-    conv would; the casts' own backward brings the gradients back to fp32."""
-    device = tensors[0].device.type
-    if not torch.is_autocast_enabled(device):
-        return tensors
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t if t is None else t.to(dtype) for t in tensors)
-
-
 # --- the swapped modules ----------------------------------------------------------------------------------
 
-class _Swapped(Claimed):
-    @classmethod
-    def swap(cls, module: nn.Module, **attrs):
-        """The same module (parameters, buffers, hooks, state_dict keys) as an instance of cls."""
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__, **attrs)
-        return new
-
-
-class BlpaBatchNorm2d(_Swapped, nn.BatchNorm2d):
+class BlpaBatchNorm2d(Claimed, nn.BatchNorm2d):
     """BatchNorm fused with the ReLU after it (in training): returns ReLU(BN(x)) carrying its code."""
 
     bits: int
@@ -199,7 +170,7 @@ class BlpaBatchNorm2d(_Swapped, nn.BatchNorm2d):
         return y
 
 
-class BlpaReLU(_Swapped, nn.ReLU):
+class BlpaReLU(Claimed, nn.ReLU):
     """ReLU that lets a coded BN+ReLU output through untouched (rectifying it again would save it in
     full precision), and is the original ReLU, in place or not, on anything else."""
 
@@ -207,14 +178,14 @@ class BlpaReLU(_Swapped, nn.ReLU):
         return x if _code_of(x) is not None else super().forward(x)
 
 
-class BlpaConv2d(_Swapped, nn.Conv2d):
+class BlpaConv2d(Claimed, nn.Conv2d):
     """Conv2d that, given a coded input, keeps only the shared code; otherwise the original conv."""
 
     def forward(self, x):
         code = _code_of(x)
         if code is None or not torch.is_grad_enabled():
             return super().forward(x)
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        x, weight, bias = autocast_inputs(x, self.weight, self.bias)
         return _ConvFromCodeFn.apply(x, weight, bias, code, self.stride, self.padding, self.dilation, self.groups)
 
 

@@ -27,7 +27,7 @@ from actmem.compress.packed import Packed
 from actmem.compress.split import split_geometry, split_quantize
 from actmem.errors import StrategyError
 from actmem.strategies.base import STRATEGIES
-from actmem.strategies.layers import Codec, keep, swap_layers
+from actmem.strategies.layers import TRANSFORMER, Codec, keep, swap_layers
 
 
 @dataclass
@@ -64,6 +64,8 @@ def apply_division(model: nn.Module, cfg) -> nn.Module:
     maps, rows = SplitCodec(cfg.block, cfg.bits), SplitCodec(cfg.block, cfg.bits, rows=True)
 
     def codec_for(name, module):
+        if type(module) in TRANSFORMER:
+            return None  # the split is spatial (feature maps); tokens stay as exact training keeps them
         if isinstance(module, nn.Linear):
             return rows if cfg.compress_linear else None
         return maps  # Conv and BatchNorm

@@ -6,6 +6,9 @@
   BatchNorm's own backward with the batch statistics of the forward). The gradient w.r.t. the input of
   Conv/Linear does not need the input, so it is exact; only weight gradients (and BatchNorm's input
   gradient, through x_hat) see the approximation.
+- LayerNorm keeps `codec.pack(input)` and its per-row mean / rstd; Softmax `codec.pack(output)`;
+  MatMul (`actmem.models.base.MatMul`, attention's two products) both operands. Their backward runs
+  the exact backward ops on the rebuilt tensors.
 - ReLU and Dropout keep a 1-bit mask, MaxPool2d the argmax within each window (ceil(log2(k*k)) bits);
   these are lossless, so their backward is exact.
 
@@ -31,6 +34,7 @@ from torch.autograd import Function
 from actmem.compress.index import pack_index, pack_mask, unpack_index, unpack_mask
 from actmem.compress.packed import Packed, decode, register_layout
 from actmem.errors import StrategyError
+from actmem.models.base import MatMul
 from actmem.strategies.base import Claimed, replace_modules
 
 
@@ -61,20 +65,23 @@ def keep(x: torch.Tensor) -> Packed:
 
 # --- saving a Packed through save_for_backward -------------------------------------------------------
 
-def _save(ctx, packed: Packed, *others: torch.Tensor | None) -> None:
-    """Save the packed tensors (and e.g. the weight) visibly; keep only the layout on ctx."""
-    ctx.layout = dataclasses.replace(packed, codes=None, meta=())
-    ctx.num_packed = len(packed.tensors())
-    ctx.save_for_backward(*packed.tensors(), *others)
+def save_packed(ctx, packs: list[Packed], *others: torch.Tensor | None) -> None:
+    """Save the packed tensors (and e.g. the weight) visibly; keep only their layouts on ctx."""
+    ctx.layouts = [dataclasses.replace(p, codes=None, meta=()) for p in packs]
+    ctx.counts = [len(p.tensors()) for p in packs]
+    ctx.save_for_backward(*(t for p in packs for t in p.tensors()), *others)
 
 
-def _load(ctx) -> tuple[Packed, tuple]:
-    saved = ctx.saved_tensors
-    return ctx.layout.with_tensors(saved[: ctx.num_packed]), saved[ctx.num_packed:]
+def load_packed(ctx) -> tuple[list[Packed], tuple]:
+    saved, packs, at = ctx.saved_tensors, [], 0
+    for layout, count in zip(ctx.layouts, ctx.counts):
+        packs.append(layout.with_tensors(saved[at: at + count]))
+        at += count
+    return packs, saved[at:]
 
 
-def _autocast(*tensors):
-    """Cast to the autocast dtype, as autocast does for conv/linear, so that the Function sees (and
+def autocast_inputs(*tensors):
+    """Cast to the autocast dtype, as autocast does for conv/linear/matmul, so that the Function sees (and
     packs) what the exact op would have computed with; the casts' own backward restores fp32 grads."""
     t0 = tensors[0]
     if not torch.is_autocast_enabled(t0.device.type):
@@ -84,19 +91,14 @@ def _autocast(*tensors):
 
 
 class _Swapped(Claimed):
-    """Mixin: build from an existing module, sharing its parameters, buffers and attributes."""
+    """Mixin for the swapped layers: `swap(module, codec=...)` builds one from an existing module."""
 
-    @classmethod
-    def swap(cls, module: nn.Module, codec: Codec | None = None):
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        new.codec = codec
-        return new
+    codec: Codec | None = None
 
-    def _compress(self, x: torch.Tensor) -> bool:
+    def _compress(self, *inputs: torch.Tensor) -> bool:
         """Save compressed state only when training and a gradient will be computed."""
         return self.training and torch.is_grad_enabled() and (
-            x.requires_grad or any(p.requires_grad for p in self.parameters(recurse=False)))
+            any(x.requires_grad for x in inputs) or any(p.requires_grad for p in self.parameters(recurse=False)))
 
 
 # --- Conv --------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ class _ConvFn(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, codec, stride, padding, dilation, groups):
         out = _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
-        _save(ctx, codec.pack(x), weight)
+        save_packed(ctx, [codec.pack(x)], weight)
         ctx.codec, ctx.shape, ctx.conv = codec, x.shape, (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         return out
@@ -116,7 +118,7 @@ class _ConvFn(Function):
     @staticmethod
     def backward(ctx, grad):
         ctx.codec.observe(grad)
-        packed, (weight,) = _load(ctx)
+        (packed,), (weight,) = load_packed(ctx)
         x = ctx.codec.unpack(packed).reshape(ctx.shape)
         stride, padding, dilation, groups = ctx.conv
         mask = list(ctx.needs_input_grad[:3])
@@ -145,7 +147,7 @@ class _CompressedConv(_Swapped):
             return super().forward(x)
         if self.padding_mode != "zeros":  # as nn.Conv's _conv_forward: pad first, then convolve unpadded
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        x, weight, bias = _autocast(x, self.weight, self.bias)
+        x, weight, bias = autocast_inputs(x, self.weight, self.bias)
         return _ConvFn.apply(x, weight, bias, self.codec, self.stride, _conv_padding(self), self.dilation,
                              self.groups)
 
@@ -168,14 +170,14 @@ class _LinearFn(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, codec):
         out = F.linear(x, weight, bias)
-        _save(ctx, codec.pack(x), weight)
+        save_packed(ctx, [codec.pack(x)], weight)
         ctx.codec, ctx.has_bias = codec, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad):
         ctx.codec.observe(grad)
-        packed, (weight,) = _load(ctx)
+        (packed,), (weight,) = load_packed(ctx)
         grad2 = grad.reshape(-1, grad.shape[-1])
         gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
@@ -190,7 +192,7 @@ class CompressedLinear(_Swapped, nn.Linear):
     def forward(self, x):
         if not self._compress(x):
             return super().forward(x)
-        return _LinearFn.apply(*_autocast(x, self.weight, self.bias), self.codec)
+        return _LinearFn.apply(*autocast_inputs(x, self.weight, self.bias), self.codec)
 
 
 # --- BatchNorm ---------------------------------------------------------------------------------------
@@ -203,14 +205,14 @@ class _BatchNormFn(Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, codec):
         out, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(
             x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
-        _save(ctx, codec.pack(x), weight, mean, invstd, reserve)
+        save_packed(ctx, [codec.pack(x)], weight, mean, invstd, reserve)
         ctx.codec, ctx.shape, ctx.impl, ctx.eps = codec, x.shape, impl, eps
         return out
 
     @staticmethod
     def backward(ctx, grad):
         ctx.codec.observe(grad)
-        packed, (weight, mean, invstd, reserve) = _load(ctx)
+        (packed,), (weight, mean, invstd, reserve) = load_packed(ctx)
         x = ctx.codec.unpack(packed).reshape(ctx.shape).contiguous()
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 weight is not None and ctx.needs_input_grad[2]]
@@ -245,6 +247,99 @@ class CompressedBatchNorm3d(_CompressedBatchNorm, nn.BatchNorm3d):
     pass
 
 
+# --- transformer pieces: LayerNorm, Softmax, MatMul --------------------------------------------------
+
+class _LayerNormFn(Function):
+    """F.layer_norm itself (exact training's output, and autocast picks its dtype as there); backward in
+    fp32 from the rebuilt input and fp32 row statistics of the forward's input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, normalized_shape, eps, codec):
+        out = F.layer_norm(x, normalized_shape, weight, bias, eps)
+        dims = tuple(range(-len(normalized_shape), 0))
+        var, mean = torch.var_mean(x.float(), dims, correction=0, keepdim=True)
+        save_packed(ctx, [codec.pack(x)], weight, bias, mean, var.add_(eps).rsqrt_())
+        ctx.codec, ctx.shape, ctx.normalized_shape = codec, x.shape, normalized_shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.codec.observe(grad)
+        (packed,), (weight, bias, mean, rstd) = load_packed(ctx)
+        x = ctx.codec.unpack(packed).reshape(ctx.shape).float()
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        weight, bias = (None if t is None else t.float() for t in (weight, bias))
+        return (*torch.ops.aten.native_layer_norm_backward(
+            grad.float().contiguous(), x, ctx.normalized_shape, mean, rstd, weight, bias, mask), None, None, None)
+
+
+class CompressedLayerNorm(_Swapped, nn.LayerNorm):
+    def forward(self, x):
+        if not self._compress(x):
+            return super().forward(x)
+        return _LayerNormFn.apply(x, self.weight, self.bias, list(self.normalized_shape), self.eps, self.codec)
+
+
+class _SoftmaxFn(Function):
+    """Softmax keeps its output y (backward: y * (g - sum(g * y))): here compressed, backward in fp32.
+    torch.softmax itself runs, so autocast picks its dtype as in exact training."""
+
+    @staticmethod
+    def forward(ctx, x, dim, codec):
+        out = torch.softmax(x, dim)
+        save_packed(ctx, [codec.pack(out)])
+        ctx.codec, ctx.shape, ctx.dim = codec, out.shape, dim
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.codec.observe(grad)
+        (packed,), _ = load_packed(ctx)
+        y = ctx.codec.unpack(packed).reshape(ctx.shape).float()
+        return torch.ops.aten._softmax_backward_data(grad.float(), y, ctx.dim, torch.float32), None, None
+
+
+class CompressedSoftmax(_Swapped, nn.Softmax):
+    """nn.Softmax with an explicit dim (the legacy implicit dim=None runs exact)."""
+
+    def forward(self, x):
+        if self.dim is None or not self._compress(x):
+            return super().forward(x)
+        return _SoftmaxFn.apply(x, self.dim, self.codec)
+
+
+class _MatMulFn(Function):
+    """a @ b for a, b of 2 or more dims (batch dims broadcast); keeps both operands compressed."""
+
+    @staticmethod
+    def forward(ctx, a, b, codec):
+        save_packed(ctx, [codec.pack(a), codec.pack(b)])
+        ctx.codec, ctx.shapes = codec, (a.shape, b.shape)
+        return torch.matmul(a, b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.codec.observe(grad)
+        (pa, pb), _ = load_packed(ctx)
+        (a_shape, b_shape), (need_a, need_b, _) = ctx.shapes, ctx.needs_input_grad
+        ga = gb = None
+        if need_a:
+            b = ctx.codec.unpack(pb).reshape(b_shape).to(grad.dtype)
+            ga = grad.matmul(b.mT).sum_to_size(a_shape)
+        if need_b:
+            a = ctx.codec.unpack(pa).reshape(a_shape).to(grad.dtype)
+            gb = a.mT.matmul(grad).sum_to_size(b_shape)
+        return ga, gb, None
+
+
+class CompressedMatMul(_Swapped, MatMul):
+    def forward(self, a, b):
+        if a.dim() < 2 or b.dim() < 2 or not self._compress(a, b):
+            return super().forward(a, b)
+        return _MatMulFn.apply(*autocast_inputs(a, b), self.codec)
+
+
 # --- lossless: ReLU / Dropout masks, max-pool index ------------------------------------------------------
 
 class _MaskFn(Function):
@@ -252,7 +347,7 @@ class _MaskFn(Function):
 
     @staticmethod
     def backward(ctx, grad):
-        packed, _ = _load(ctx)
+        (packed,), _ = load_packed(ctx)
         gx = grad * unpack_mask(packed)  # on CPU ~7x faster than torch.where (NaN grads stay NaN)
         return (gx if ctx.scale == 1 else gx.mul_(ctx.scale)), None, None
 
@@ -263,7 +358,7 @@ class _ReLUFn(_MaskFn):
         if inplace:
             ctx.mark_dirty(x)
         out = x.relu_() if inplace else torch.relu(x)
-        _save(ctx, pack_mask(out > 0))
+        save_packed(ctx, [pack_mask(out > 0)])
         ctx.scale = 1.0
         return out
 
@@ -274,7 +369,7 @@ class _DropoutFn(_MaskFn):
         if inplace:
             ctx.mark_dirty(x)
         out, keep = dropout_noise(x, p, inplace)
-        _save(ctx, pack_mask(keep))
+        save_packed(ctx, [pack_mask(keep)])
         ctx.scale = 1.0 / (1.0 - p)
         return out
 
@@ -327,13 +422,14 @@ class _MaxPool2dFn(Function):
         row0, col0 = _window_origin(out.shape[-2:], stride, padding, x.device)
         krow = (index.div(width, rounding_mode="floor") - row0).div_(dh, rounding_mode="floor")
         kcol = (index.remainder(width) - col0).div_(dw, rounding_mode="floor")
-        _save(ctx, pack_index(krow.mul_(kw).add_(kcol).to(torch.uint8), max(1, (kh * kw - 1).bit_length())))
+        code = krow.mul_(kw).add_(kcol).to(torch.uint8)
+        save_packed(ctx, [pack_index(code, max(1, (kh * kw - 1).bit_length()))])
         ctx.geometry = (x.shape, kw, stride, padding, dilation)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        packed, _ = _load(ctx)
+        (packed,), _ = load_packed(ctx)
         shape, kw, stride, padding, (dh, dw) = ctx.geometry
         local = unpack_index(packed).long()
         row0, col0 = _window_origin(grad.shape[-2:], stride, padding, grad.device)
@@ -362,15 +458,17 @@ CONV_LINEAR = {nn.Conv1d: CompressedConv1d, nn.Conv2d: CompressedConv2d, nn.Conv
                nn.Linear: CompressedLinear}
 BATCHNORM = {nn.BatchNorm1d: CompressedBatchNorm1d, nn.BatchNorm2d: CompressedBatchNorm2d,
              nn.BatchNorm3d: CompressedBatchNorm3d}
+TRANSFORMER = {nn.LayerNorm: CompressedLayerNorm, nn.Softmax: CompressedSoftmax, MatMul: CompressedMatMul}
 LOSSLESS = {nn.ReLU: MaskedReLU, nn.Dropout: MaskedDropout, nn.MaxPool2d: IndexedMaxPool2d}
-SWAPS = {**CONV_LINEAR, **BATCHNORM, **LOSSLESS}
+SWAPS = {**CONV_LINEAR, **BATCHNORM, **TRANSFORMER, **LOSSLESS}
 
 
 def swap_layers(model: nn.Module, codec_for: Callable[[str, nn.Module], Codec | None],
                 lossless: bool = True) -> list[str]:
-    """Swap each Conv/Linear/BatchNorm for which `codec_for(name, module)` gives a codec (None: leave
-    it exact) and, if `lossless`, each ReLU/Dropout/MaxPool2d. Types must match exactly (a subclass
-    may have its own forward: it is left alone); claimed modules are skipped. Returns the names swapped."""
+    """Swap each Conv/Linear/BatchNorm/LayerNorm/Softmax/MatMul for which `codec_for(name, module)`
+    gives a codec (None: leave it exact) and, if `lossless`, each ReLU/Dropout/MaxPool2d. Types must
+    match exactly (a subclass may have its own forward: it is left alone); claimed modules are skipped.
+    Returns the names swapped."""
     codecs = {}
 
     def select(name, m):
@@ -384,4 +482,4 @@ def swap_layers(model: nn.Module, codec_for: Callable[[str, nn.Module], Codec | 
             _conv_padding(m)  # refuse an asymmetric 'same' now, not in the first training step
         return codec is not None
 
-    return replace_modules(model, select, lambda m: SWAPS[type(m)].swap(m, codecs[id(m)]))
+    return replace_modules(model, select, lambda m: SWAPS[type(m)].swap(m, codec=codecs[id(m)]))

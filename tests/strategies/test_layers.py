@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from actmem.compress.packed import Packed
 from actmem.measure import saved_bytes_by_module
+from actmem.models.base import MatMul
 from actmem.strategies.layers import Codec, keep, swap_layers
 
 
@@ -53,6 +54,19 @@ def _grads(model, x, seed=0):
     return out, x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
+class TinyAttention(nn.Module):
+    """LayerNorm -> q, k, v -> softmax(q k^T) v, with v shared across the batch (broadcast in MatMul)."""
+
+    def __init__(self, dim: int = 6):
+        super().__init__()
+        self.norm, self.qkv = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim)
+        self.scores, self.softmax, self.mix = MatMul(), nn.Softmax(dim=-1), MatMul()
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.norm(x)).chunk(3, -1)
+        return self.mix(self.softmax(self.scores(q, k.mT)), v[:1])
+
+
 CASES = {
     "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
                                       nn.Conv2d(8, 4, 3, padding=2, dilation=2, groups=4, bias=False)),
@@ -66,6 +80,9 @@ CASES = {
     "bn1d_no_affine_cumulative": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False,
                                                                                          momentum=None)),
                                   (9, 5)),
+    "attention": (TinyAttention, (3, 5, 6)),
+    "layernorm_2d_no_affine": (lambda: nn.Sequential(nn.Linear(4, 12), nn.Unflatten(-1, (3, 4)),
+                                                      nn.LayerNorm((3, 4), elementwise_affine=False)), (5, 4)),
     "maxpool": (lambda: nn.Sequential(nn.Conv2d(3, 4, 1), nn.MaxPool2d(3, 2, 1)), (2, 3, 10, 11)),
     "maxpool_ceil_dilated": (lambda: nn.Sequential(
         nn.Conv2d(3, 4, 1), nn.MaxPool2d((2, 3), (2, 1), (1, 1), dilation=(2, 1), ceil_mode=True)),
@@ -89,7 +106,8 @@ def test_lossless_codec_gives_exact_forward_gradients_and_stats(case):
         torch.testing.assert_close(g_c[n], g_e[n], rtol=1e-5, atol=1e-6, msg=n)
     for (n, be), bc in zip(exact.named_buffers(), twin.buffers()):
         assert torch.equal(be, bc), n
-    assert codec.packed > 0 and codec.observed == codec.packed
+    matmuls = sum(isinstance(m, MatMul) for m in twin.modules())  # each packs both operands, once called
+    assert codec.packed > 0 and codec.observed == codec.packed - matmuls
     assert twin.state_dict().keys() == exact.state_dict().keys()
     exact.eval(), twin.eval()
     assert torch.equal(exact(x), twin(x))
@@ -157,7 +175,23 @@ def test_subclass_and_claimed_modules_are_left_alone():
     assert swap_layers(model, lambda n, m: KeepCodec()) == []  # already swapped: claimed
 
 
-@pytest.mark.parametrize("case", ["conv2d", "linear_rank3"])
+def test_transformer_pieces_save_only_packed_state():
+    """A codec that keeps nothing: LayerNorm keeps its row mean / rstd, Softmax and MatMul nothing."""
+    model = _swapped(TinyAttention(), ZeroCodec())
+    saved = saved_bytes_by_module(model, torch.randn(4, 5, 6))
+    assert saved == {"norm": 2 * 4 * 5 * 4}  # fp32 mean and rstd per row; qkv's weight is a parameter
+
+
+def test_softmax_with_implicit_dim_runs_the_plain_op():
+    """Softmax with the legacy implicit dim runs the plain op (no dim to give its backward)."""
+    model = _swapped(nn.Sequential(nn.Linear(4, 4), nn.Softmax()), KeepCodec())
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning):
+        out = model(x)
+    assert torch.equal(out, torch.softmax(model[0](x), 1))
+
+
+@pytest.mark.parametrize("case", ["conv2d", "linear_rank3", "attention"])
 def test_autocast_forward_is_exact(case):
     """Under autocast the layers cast as autocast does (and pack the low-precision input)."""
     make, shape = CASES[case]
