@@ -14,11 +14,12 @@ COLUMNS = ["dataset", "model", "strategy", "bits", "batch", "status", "epochs", 
            "activation_ratio", "peak_memory_MB", "peak_rss_MB", "img_per_s", "throughput_vs_exact", "run"]
 
 
-def _bits(strategy_config: dict | None):
+def _bits(strategy_config: dict | None) -> str | None:
+    """The width ("2") or level ("L3") as text, so that a table mixing them (or a float budget) prints as given."""
     cfg = strategy_config or {}
     for key in ("bits", "level"):
         if cfg.get(key) is not None:
-            return cfg[key]
+            return f"{cfg[key]:g}" if isinstance(cfg[key], (int, float)) else str(cfg[key])
     return None
 
 
@@ -58,7 +59,9 @@ def render(df: pd.DataFrame, fmt: str) -> str:
         return df.to_csv(index=False)
     if fmt == "latex":
         return shown.to_latex(index=False, float_format="%.2f", na_rep="--")
-    return shown.to_markdown(index=False, floatfmt=".2f", missingval="-")
+    shown = shown.astype({"bits": object}).where(shown.notna(), None)  # tabulate's missingval takes None
+    return shown.to_markdown(index=False, floatfmt=".2f", missingval="-",
+                             disable_numparse=[shown.columns.get_loc("bits")])  # "2" stays "2", not 2.00
 
 
 def plot(df: pd.DataFrame, out: Path) -> None:

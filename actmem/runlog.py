@@ -24,9 +24,8 @@ def write_json_atomic(path: Path, obj) -> None:
 def git_commit() -> str | None:
     """HEAD's hash, with "-dirty" when tracked files differ from it (the run's code is not that commit)."""
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], capture_output=True,
-                             text=True, timeout=10,
-                             cwd=Path(actmem.__file__).parent)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
+                             capture_output=True, text=True, timeout=10, cwd=Path(actmem.__file__).parent)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

@@ -6,7 +6,7 @@ import sys
 import pytest
 from helpers import REPO
 
-from actmem.report import load_runs, main
+from actmem.report import load_runs, main, render
 
 
 def _summary(path, strategy, img_s, batch=128, status="completed", **kw):
@@ -27,8 +27,18 @@ def test_relative_throughput_against_exact_of_same_setting(tmp_path):
     assert df.loc[str(tmp_path / "b"), "throughput_vs_exact"] == pytest.approx(0.75)
     assert df.loc[str(tmp_path / "a"), "throughput_vs_exact"] == pytest.approx(1.0)
     assert df.loc[str(tmp_path / "c"), "throughput_vs_exact"] != df.loc[str(tmp_path / "c"), "throughput_vs_exact"]
-    assert df.loc[str(tmp_path / "d"), "bits"] == 2
+    assert df.loc[str(tmp_path / "d"), "bits"] == "2"
     assert df.loc[str(tmp_path / "a"), "activation_MB"] == pytest.approx(10.0)
+
+
+def test_bits_column_prints_as_given_with_exact_rows(tmp_path):
+    """A table of exact (no bits) and a 2-bit strategy prints "-" and "2", not "nan" and "2.00"."""
+    _summary(tmp_path / "a", "exact", 100.0)
+    _summary(tmp_path / "b", "division", 50.0, bits=2)
+    _summary(tmp_path / "c", "actnn", 50.0, level="L3", bits=2.5)
+    rows = {line.split("|")[3].strip(): line.split("|")[4].strip()
+            for line in render(load_runs([tmp_path]), "md").splitlines()[2:]}
+    assert rows == {"exact": "-", "division": "2", "actnn": "2.5"}
 
 
 @pytest.mark.parametrize("fmt, marker", [("md", "| dataset"), ("csv", "dataset,model"), ("latex", "\\toprule")])
