@@ -11,7 +11,7 @@ import torch.nn as nn
 from actmem.compress.packed import Packed
 from actmem.measure import saved_bytes_by_module
 from actmem.models.base import MatMul
-from actmem.strategies.layers import Codec, keep, swap_layers
+from actmem.strategies.layers import Codec, CompressedSoftmax, keep, swap_layers
 
 
 class KeepCodec(Codec):
@@ -184,11 +184,16 @@ def test_transformer_pieces_save_only_packed_state():
 
 def test_softmax_with_implicit_dim_runs_the_plain_op():
     """Softmax with the legacy implicit dim runs the plain op (no dim to give its backward)."""
-    model = _swapped(nn.Sequential(nn.Linear(4, 4), nn.Softmax()), KeepCodec())
+    codec = KeepCodec()
+    model = _swapped(nn.Sequential(nn.Linear(4, 4), nn.Softmax()), codec)
+    assert isinstance(model[1], CompressedSoftmax)
     x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = torch.softmax(model[0](x), 1)
     with pytest.warns(UserWarning):
         out = model(x)
-    assert torch.equal(out, torch.softmax(model[0](x), 1))
+    assert torch.equal(out, expected)
+    assert codec.packed == 1  # the Linear's input only: the softmax kept its output the plain way
 
 
 @pytest.mark.parametrize("case", ["conv2d", "linear_rank3", "attention"])
