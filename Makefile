@@ -4,8 +4,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 SHARED  ?= ../shared/data
 STAMP   := $(VENV)/.installed
+GPU_WHEELS ?= .gpu/wheels
 
-.PHONY: setup run test data lint clean
+.PHONY: setup run test data lint clean gpu-bundle
 
 setup: $(STAMP)
 
@@ -28,6 +29,17 @@ test: data
 
 lint: setup
 	$(BIN)/ruff check actmem scripts tests
+
+# Wheels of what the lent GPU machine lacks (requirements-gpu.txt) for scripts/gpu_run.sh to install there
+# offline; carry `.gpu` with the working tree. Only pure-Python wheels: that machine's Python differs from ours.
+gpu-bundle: setup
+	rm -f $(GPU_WHEELS)/*.whl
+	$(BIN)/pip wheel -q --no-deps -w $(GPU_WHEELS) -r requirements-gpu.txt
+	@bad=$$(ls $(GPU_WHEELS) | grep -v -- '-py3-none-any\.whl$$' || true); \
+	if [ -n "$$bad" ]; then echo "gpu-bundle: not pure-Python (py3-none-any) wheels: $$bad" >&2; exit 1; fi
+	@want=$$(grep -c '^[^#]' requirements-gpu.txt); have=$$(ls $(GPU_WHEELS)/*.whl | wc -l); \
+	if [ "$$want" != "$$have" ]; then echo "gpu-bundle: $$have wheels for $$want requirements" >&2; exit 1; fi
+	du -sh $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) outputs multirun
