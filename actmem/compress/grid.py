@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from actmem.compress import triton_grid
-from actmem.compress.backend import use_triton
+from actmem.compress.backend import dispatch
 from actmem.compress.packed import Packed, register_layout
 from actmem.compress.packing import check_bits, pack_blocks_, packed_numel, unpack_codes
 from actmem.compress.quant import SLAB
@@ -75,19 +75,19 @@ def grid_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bi
             raise ConfigError(f"grid_quantize: {name} has {t.numel()} values for {C} channels (dim 1 of x).")
     scale, offset = (t.to(device=x.device, dtype=torch.float32).reshape(C) for t in (scale, offset))
     shift = grid_shift(center.to(x.device).reshape(C), bits)
-    inv_step = _inv_step(bits)
-    if use_triton(x):
-        codes = torch.empty(packed_numel(x.numel(), bits), dtype=torch.uint8, device=x.device)
-        triton_grid.quantize(xv.contiguous(), scale.contiguous(), offset.contiguous(), shift, bits, inv_step,
-                             codes)
-    else:
-        codes = _quantize_reference(xv, scale, offset, shift, bits, inv_step)
+    codes = dispatch(x, _quantize_triton, _quantize_reference, xv, scale, offset, shift, bits, _inv_step(bits))
     return Packed(codes, (shift,), x.shape, x.dtype, bits, "grid")
 
 
 def _rows(t: torch.Tensor, N: int) -> torch.Tensor:
     """Per-channel values [C] as a column over the N * C rows of [N * C, inner]."""
     return t.repeat(N)[:, None]
+
+
+def _quantize_triton(xv, scale, offset, shift, bits, inv_step):
+    codes = torch.empty(packed_numel(xv.numel(), bits), dtype=torch.uint8, device=xv.device)
+    triton_grid.quantize(xv.contiguous(), scale.contiguous(), offset.contiguous(), shift, bits, inv_step, codes)
+    return codes
 
 
 def _quantize_reference(xv, scale, offset, shift, bits, inv_step):
@@ -112,13 +112,20 @@ def _quantize_reference(xv, scale, offset, shift, bits, inv_step):
 
 
 def _decode(p: Packed, mask: bool) -> torch.Tensor:
+    return dispatch(p.codes, _decode_triton, _decode_reference, p, mask)
+
+
+def _decode_triton(p: Packed, mask: bool) -> torch.Tensor:
+    out = torch.empty((p.shape[0], p.shape[1], p.shape[2:].numel()), device=p.device,
+                      dtype=torch.uint8 if mask else p.dtype)
+    triton_grid.decode(p.codes, *p.meta, p.bits, grid_step(p.bits), out, mask)
+    return out.view(torch.bool).view(p.shape) if mask else out.view(p.shape)
+
+
+def _decode_reference(p: Packed, mask: bool) -> torch.Tensor:
     N, C = p.shape[0], p.shape[1]
     inner = p.shape[2:].numel()
     (shift,) = p.meta
-    if use_triton(p.codes):
-        out = torch.empty((N, C, inner), device=p.device, dtype=torch.uint8 if mask else p.dtype)
-        triton_grid.decode(p.codes, shift, p.bits, grid_step(p.bits), out, mask)
-        return out.view(torch.bool).view(p.shape) if mask else out.view(p.shape)
     q = unpack_codes(p.codes, p.bits, p.shape.numel()).view(N * C, inner)
     if mask:
         return (q >= _rows(shift, N)).view(p.shape)

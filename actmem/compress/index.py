@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from actmem.compress import triton_index
-from actmem.compress.backend import use_triton
+from actmem.compress.backend import dispatch
 from actmem.compress.packed import Packed, register_layout
 from actmem.compress.packing import check_bits, pack_blocks_, pack_codes, packed_numel, unpack_codes
 from actmem.compress.quant import SLAB
@@ -62,6 +62,12 @@ def _round_down(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(low.to(values.dtype) > values, below, low)
 
 
+def _bucketize_triton(x: torch.Tensor, borders: torch.Tensor, bits: int) -> torch.Tensor:
+    codes = torch.empty(packed_numel(x.numel(), bits), dtype=torch.uint8, device=x.device)
+    triton_index.bucketize(x.reshape(-1).contiguous(), borders.contiguous(), bits, codes)
+    return codes
+
+
 def _bucketize_reference(x: torch.Tensor, borders: torch.Tensor, bits: int) -> torch.Tensor:
     """Packed codes #{i : not borders[i] >= x} = len(borders) - #{i : x <= borders[i]}.
 
@@ -95,11 +101,7 @@ def bucketize_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> Packed:
         raise ConfigError(f"bucketize_pack at {bits} bits needs {(1 << bits) - 1} sorted floating-point "
                           f"inner borders in a 1-D tensor, got {tuple(borders.shape)} ({borders.dtype}).")
     borders = borders.to(device=x.device, dtype=torch.promote_types(x.dtype, borders.dtype))
-    if use_triton(x):
-        codes = torch.empty(packed_numel(x.numel(), bits), dtype=torch.uint8, device=x.device)
-        triton_index.bucketize(x.reshape(-1).contiguous(), borders.contiguous(), bits, codes)
-    else:
-        codes = _bucketize_reference(x, borders, bits)
+    codes = dispatch(x, _bucketize_triton, _bucketize_reference, x, borders, bits)
     return Packed(codes, (), x.shape, torch.uint8, bits, "index")
 
 
@@ -119,11 +121,17 @@ def lookup_mul(p: Packed, levels: torch.Tensor, grad_out: torch.Tensor) -> torch
         raise ConfigError(f"lookup_mul: grad_out has shape {tuple(grad_out.shape)}, the codes "
                           f"{tuple(p.shape)}.")
     levels = levels.to(device=grad_out.device, dtype=grad_out.dtype)
-    if use_triton(grad_out):
-        grad = grad_out.contiguous()
-        out = torch.empty_like(grad)
-        triton_index.lookup_mul(p.codes, p.bits, levels.contiguous(), grad, out)
-        return out
+    return dispatch(grad_out, _lookup_mul_triton, _lookup_mul_reference, p, levels, grad_out)
+
+
+def _lookup_mul_triton(p: Packed, levels: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    grad = grad_out.contiguous()
+    out = torch.empty_like(grad)
+    triton_index.lookup_mul(p.codes, p.bits, levels.contiguous(), grad, out)
+    return out
+
+
+def _lookup_mul_reference(p: Packed, levels: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     codes = unpack_codes(p.codes, p.bits, p.shape.numel())
     grad = grad_out.reshape(-1)
     out = torch.empty_like(grad)

@@ -1,4 +1,4 @@
-"""Dense b-bit code packing (b = 1..8): the torch reference, dispatching to Triton (`use_triton`).
+"""Dense b-bit code packing (b = 1..8): the torch reference, dispatching to Triton (`dispatch`).
 
 Layout ("bit planes of 8"): codes are taken 8 at a time (the tail padded with zeros); each block of
 8 codes becomes b bytes, byte j holding bit j of code k at bit position k. So n codes take
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from actmem.compress import triton_index
-from actmem.compress.backend import use_triton
+from actmem.compress.backend import dispatch
 from actmem.errors import ConfigError
 
 # (shift, mask): round r swaps the off-diagonal 2^r x 2^r sub-blocks of every 2^(r+1) x 2^(r+1) block.
@@ -61,14 +61,18 @@ def pack_blocks_(blocks: torch.Tensor, bits: int) -> torch.Tensor:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) (any shape, flattened) into a 1-D uint8 tensor."""
     check_bits(bits)
-    flat = codes.reshape(-1)
+    return dispatch(codes, _pack_triton, _pack_reference, codes.reshape(-1), bits)
+
+
+def _pack_triton(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    out = torch.empty(packed_numel(flat.numel(), bits), dtype=torch.uint8, device=flat.device)
+    triton_index.pack((flat.view(torch.uint8) if flat.dtype == torch.bool else flat).contiguous(), bits, out)
+    return out
+
+
+def _pack_reference(flat: torch.Tensor, bits: int) -> torch.Tensor:
     n = flat.numel()
-    if use_triton(codes):
-        flat = flat.view(torch.uint8) if flat.dtype == torch.bool else flat
-        out = torch.empty(packed_numel(n, bits), dtype=torch.uint8, device=codes.device)
-        triton_index.pack(flat.contiguous(), bits, out)
-        return out
-    blocks = torch.empty((n + 7) // 8, 8, dtype=torch.uint8, device=codes.device)
+    blocks = torch.empty((n + 7) // 8, 8, dtype=torch.uint8, device=flat.device)
     blocks.view(-1)[:n] = flat
     blocks.view(-1)[n:] = 0
     return pack_blocks_(blocks, bits)
@@ -77,10 +81,16 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_codes: the first n codes as a 1-D uint8 tensor."""
     check_bits(bits)
-    if use_triton(packed):
-        out = torch.empty(n, dtype=torch.uint8, device=packed.device)
-        triton_index.unpack(packed, bits, out)
-        return out
+    return dispatch(packed, _unpack_triton, _unpack_reference, packed, bits, n)
+
+
+def _unpack_triton(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    out = torch.empty(n, dtype=torch.uint8, device=packed.device)
+    triton_index.unpack(packed, bits, out)
+    return out
+
+
+def _unpack_reference(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     planes = packed.view(-1, bits)
     blocks = torch.zeros(planes.shape[0], 8, dtype=torch.uint8, device=packed.device)
     blocks[:, :bits] = planes

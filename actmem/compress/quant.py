@@ -36,7 +36,7 @@ import math
 import torch
 
 from actmem.compress import triton_quant
-from actmem.compress.backend import use_triton
+from actmem.compress.backend import dispatch
 from actmem.compress.packed import Packed, decode, register_layout
 from actmem.compress.packing import pack_blocks_, unpack_codes
 from actmem.errors import ConfigError, NonFiniteError
@@ -62,12 +62,8 @@ def quantize(x: torch.Tensor, bits, group_size: int = 256, stochastic: bool = Tr
     step = torch.empty_like(lo)
     if stochastic and seed is None:
         seed = int(torch.randint(2**31 - 1, ()))
-    x2 = x.reshape(N, M)
-    if use_triton(x):
-        codes = torch.empty(_packed_bytes(widths, N, G * group_size), dtype=torch.uint8, device=x.device)
-        triton_quant.quantize(x2.contiguous(), widths, group_size, stochastic, seed, lo, step, codes)
-    else:
-        codes = _quantize_reference(x2, widths, group_size, stochastic, seed, lo, step)
+    codes = dispatch(x, _quantize_triton, _quantize_reference, x.reshape(N, M), widths, group_size, stochastic,
+                     seed, lo, step)
     if check and not bool(torch.isfinite(step).all()):
         raise NonFiniteError("quantize: x holds NaN or Inf values, which have no quantized code; check the "
                          "forward pass for overflow (or pass check=False to skip this test).")
@@ -88,12 +84,19 @@ def dequantize(p: Packed) -> torch.Tensor:
 def _decode(p: Packed) -> torch.Tensor:
     gs = p.params["group_size"]
     N, M, G = _grid(p.shape, p.params["per_sample"], gs)
-    lo, step = p.meta[:2]
     widths = p.meta[2] if len(p.meta) == 3 else p.bits
-    if use_triton(p.codes):
-        out = torch.empty(N, M, dtype=p.dtype, device=p.device)
-        triton_quant.dequantize(p.codes, lo, step, widths, gs, out)
-        return out.view(p.shape)
+    return dispatch(p.codes, _decode_triton, _decode_reference, p, widths, N, M, G).reshape(p.shape)
+
+
+def _decode_triton(p: Packed, widths, N: int, M: int, G: int) -> torch.Tensor:
+    out = torch.empty(N, M, dtype=p.dtype, device=p.device)
+    triton_quant.dequantize(p.codes, *p.meta[:2], widths, p.params["group_size"], out)
+    return out
+
+
+def _decode_reference(p: Packed, widths, N: int, M: int, G: int) -> torch.Tensor:
+    gs = p.params["group_size"]
+    lo, step = p.meta[:2]
     codes = _unpack(p.codes, widths, N, G * gs).view(-1, gs)
     lo, step = lo.view(-1, 1).float(), step.view(-1, 1).float()
     out = torch.empty(N * G, gs, dtype=p.dtype, device=p.device)
@@ -101,7 +104,7 @@ def _decode(p: Packed) -> torch.Tensor:
     for r in range(0, N * G, rows):
         s = slice(r, r + rows)
         out[s] = torch.mul(codes[s], step[s]).add_(lo[s])
-    return out.view(N, G * gs)[:, :M].reshape(p.shape)
+    return out.view(N, G * gs)[:, :M]
 
 
 def _grid(shape: torch.Size, per_sample: bool, group_size: int) -> tuple[int, int, int]:
@@ -149,6 +152,13 @@ def _levels(widths, G: int):
     if isinstance(widths, int):
         return (1 << widths) - 1
     return ((1 << widths.long()) - 1).float().repeat_interleave(G).view(-1, 1)
+
+
+def _quantize_triton(x2, widths, group_size, stochastic, seed, lo, step):
+    codes = torch.empty(_packed_bytes(widths, x2.shape[0], lo.shape[1] * group_size), dtype=torch.uint8,
+                        device=x2.device)
+    triton_quant.quantize(x2.contiguous(), widths, group_size, stochastic, seed, lo, step, codes)
+    return codes
 
 
 def _quantize_reference(x2, widths, group_size, stochastic, seed, lo, step):

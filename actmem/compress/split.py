@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from actmem.compress import triton_split
-from actmem.compress.backend import use_triton
+from actmem.compress.backend import dispatch
 from actmem.compress.packed import Packed, register_layout
 from actmem.compress.packing import check_bits, pack_blocks_, unpack_codes
 from actmem.compress.quant import SLAB
@@ -111,6 +111,19 @@ def _compress_slab(xs, geometry, index, levels, stochastic, gen):
     return t.clamp_(0, levels), lfc, torch.stack([mn, step], 1)
 
 
+def _compress_triton(x, geometry, bits, stochastic, seed):
+    P, H, W, kh, kw = geometry
+    lfc = torch.empty((P, H // kh, W // kw), dtype=torch.bfloat16, device=x.device)
+    stats = torch.zeros((P, 2), dtype=torch.bfloat16, device=x.device)
+    codes = torch.empty(P * bits * -(-H * W // 8), dtype=torch.uint8, device=x.device)
+    if x.numel():
+        if stochastic and seed is None:
+            seed = int(torch.randint(2**31 - 1, ()))
+        triton_split.compress(x.contiguous(), lfc, stats, codes, seed or 0, geometry, _scales(geometry), bits,
+                              stochastic)
+    return codes, lfc, stats
+
+
 def _compress_reference(x, geometry, bits, stochastic, seed):
     """Slabs of about SLAB elements, so that the fp32/fp64 temporaries stay in cache."""
     P, H, W, kh, kw = geometry
@@ -138,18 +151,11 @@ def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: b
     if not x.is_floating_point():
         raise ConfigError(f"split_quantize takes a floating-point tensor, got {x.dtype}.")
     geometry = split_geometry(x.shape, int(block))
-    P, H, W, kh, kw = geometry
-    if use_triton(x) or not x.numel():
-        lfc = torch.empty((P, H // kh, W // kw), dtype=torch.bfloat16, device=x.device)
-        stats = torch.zeros((P, 2), dtype=torch.bfloat16, device=x.device)
-        codes = torch.empty(P * bits * -(-H * W // 8), dtype=torch.uint8, device=x.device)
-        if x.numel():
-            if stochastic and seed is None:
-                seed = int(torch.randint(2**31 - 1, ()))
-            triton_split.compress(x.contiguous(), lfc, stats, codes, seed or 0, geometry, _scales(geometry),
-                                  bits, stochastic)
-    else:
-        codes, lfc, stats = _compress_reference(x, geometry, bits, stochastic, seed)
+    P = geometry[0]
+    args = (x, geometry, bits, stochastic, seed)
+    # an empty x has nothing to launch or loop over: the kernel path's allocation is the whole answer
+    codes, lfc, stats = dispatch(x, _compress_triton, _compress_reference, *args) if x.numel() else \
+        _compress_triton(*args)
     if not torch.isfinite(stats).all():
         bad = int((~torch.isfinite(stats)).any(1).sum())
         raise NonFiniteError(f"split_quantize: the input holds NaN, Inf or values too large to quantize ({bad} "
@@ -161,14 +167,21 @@ def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: b
 @register_layout("split")
 def split_dequantize(p: Packed) -> torch.Tensor:
     """upsample(lfc) + dequant(hfc): shape, dtype and device of the input."""
-    geometry = split_geometry(p.shape, p.params["block"])
+    args = (p, split_geometry(p.shape, p.params["block"]))
+    return dispatch(p.codes, _decompress_triton, _decompress_reference, *args) if p.shape.numel() else \
+        _decompress_triton(*args)
+
+
+def _decompress_triton(p: Packed, geometry) -> torch.Tensor:
+    out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+    if out.numel():
+        triton_split.decompress(p.codes, *p.meta, out, geometry, _scales(geometry), p.bits)
+    return out
+
+
+def _decompress_reference(p: Packed, geometry) -> torch.Tensor:
     P, H, W, kh, kw = geometry
     lfc, stats = p.meta
-    if use_triton(p.codes) or not p.shape.numel():
-        out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
-        if out.numel():
-            triton_split.decompress(p.codes, lfc, stats, out, geometry, _scales(geometry), p.bits)
-        return out
     q = unpack_codes(p.codes, p.bits, P * (H * W + -(H * W) % 8)).view(P, -1)[:, : H * W]
     mn, step = stats.float().unbind(1)
     out = torch.empty((P, H, W), dtype=p.dtype, device=p.device)

@@ -1,6 +1,6 @@
 """Triton kernels for BLPA's fixed grid (grid.py has the definition and the torch reference).
 
-`launch` turns fp fusion off: `u = x * scale + offset` must round twice, as in torch, or a fused
+`launch_elementwise` turns fp fusion off: `u = x * scale + offset` must round twice, as in torch, or a fused
 multiply-add would move values across bin edges (and across u = 0).
 """
 from __future__ import annotations
@@ -9,11 +9,13 @@ import torch
 import triton
 import triton.language as tl
 
-from actmem.compress.triton_index import cast_rne, launch, load_packed, store_packed, tile_offsets
+from actmem.compress.triton_index import cast_rne, launch_elementwise, load_packed, store_packed, tile_offsets
 
 
-@triton.jit
-def _quantize_kernel(x_ptr, scale_ptr, offset_ptr, shift_ptr, out_ptr, C, inner, inv_delta, n,
+# Seeds and counts used only in index arithmetic are not specialized: Triton would compile another kernel
+# whenever one equals 1 or is a multiple of 16 (a random seed every 16th step), for no gain.
+@triton.jit(do_not_specialize=["C", "inner"])
+def _grid_quantize_kernel(x_ptr, scale_ptr, offset_ptr, shift_ptr, out_ptr, C, inner, inv_delta, n,
                      BITS: tl.constexpr, PLANES: tl.constexpr, G: tl.constexpr):
     group, offs = tile_offsets(G)
     c = (offs // inner) % C
@@ -27,8 +29,8 @@ def _quantize_kernel(x_ptr, scale_ptr, offset_ptr, shift_ptr, out_ptr, C, inner,
     store_packed(out_ptr, group, offs, q, n, BITS, PLANES)
 
 
-@triton.jit
-def _decode_kernel(codes_ptr, shift_ptr, out_ptr, C, inner, delta, n, MASK: tl.constexpr,
+@triton.jit(do_not_specialize=["C", "inner"])
+def _grid_decode_kernel(codes_ptr, shift_ptr, out_ptr, C, inner, delta, n, MASK: tl.constexpr,
                    BITS: tl.constexpr, PLANES: tl.constexpr, G: tl.constexpr):
     group, offs = tile_offsets(G)
     q = load_packed(codes_ptr, group, n, BITS, PLANES)
@@ -42,10 +44,11 @@ def _decode_kernel(codes_ptr, shift_ptr, out_ptr, C, inner, delta, n, MASK: tl.c
 
 def quantize(x, scale, offset, shift, bits, inv_delta, out):
     """Codes of the contiguous x ([N, C, inner]) packed into `out`; scale/offset fp32, shift uint8."""
-    launch(_quantize_kernel, x.numel(), bits, x, scale, offset, shift, out, x.shape[1], x.shape[2], inv_delta)
+    launch_elementwise(_grid_quantize_kernel, x.numel(), bits, x, scale, offset, shift, out, x.shape[1], x.shape[2],
+                       inv_delta)
 
 
 def decode(codes, shift, bits, delta, out: torch.Tensor, mask: bool):
     """Bin midpoints (mask=False) or the code >= shift mask (mask=True, out viewed as uint8)."""
     N, C, inner = out.shape
-    launch(_decode_kernel, out.numel(), bits, codes, shift, out, C, inner, delta, MASK=mask)
+    launch_elementwise(_grid_decode_kernel, out.numel(), bits, codes, shift, out, C, inner, delta, MASK=mask)

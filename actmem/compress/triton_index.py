@@ -11,25 +11,36 @@ import torch
 import triton
 import triton.language as tl
 
+from actmem.compress.launch import launch
+
 GROUPS = 256  # groups of 8 codes per program: 2048 elements
+WARPS = 8  # 8 elements a thread, as the quantizer (results/kernels-static.md: registers and occupancy)
 
 
 @triton.jit
 def pack_tile(q, PLANES: tl.constexpr):
-    """[G, 8] int32 codes -> [G, PLANES] int32 bytes (plane j: bit j of the 8 codes)."""
+    """[G, 8] int32 codes -> [G, PLANES] int32 bytes (plane j: bit j of the 8 codes). One plane at a
+    time: a [G, PLANES, 8] tile of bits would hold 8 * PLANES registers per code a thread packs."""
     planes = tl.arange(0, PLANES)
     shifts = tl.arange(0, 8)
-    bits = (q[:, None, :] >> planes[None, :, None]) & 1
-    return tl.sum(bits << shifts[None, None, :], axis=2)
+    out = tl.zeros((q.shape[0], PLANES), tl.int32)
+    for j in tl.static_range(PLANES):
+        byte = tl.sum(((q >> j) & 1) << shifts[None, :], axis=1)
+        out = tl.where(planes[None, :] == j, byte[:, None], out)
+    return out
 
 
 @triton.jit
 def unpack_tile(b, PLANES: tl.constexpr):
-    """[G, PLANES] int32 bytes (planes past the code width loaded as 0) -> [G, 8] int32 codes."""
+    """[G, PLANES] int32 bytes (planes past the code width loaded as 0) -> [G, 8] int32 codes, one
+    plane at a time (as pack_tile)."""
     planes = tl.arange(0, PLANES)
     shifts = tl.arange(0, 8)
-    bits = (b[:, :, None] >> shifts[None, None, :]) & 1
-    return tl.sum(bits << planes[None, :, None], axis=1)
+    q = tl.zeros((b.shape[0], 8), tl.int32)
+    for j in tl.static_range(PLANES):
+        byte = tl.sum(tl.where(planes[None, :] == j, b, 0), axis=1)
+        q = q | (((byte[:, None] >> shifts[None, :]) & 1) << j)
+    return q
 
 
 @triton.jit
@@ -113,30 +124,31 @@ def _lookup_mul_kernel(codes_ptr, levels_ptr, grad_ptr, out_ptr, n, BITS: tl.con
     tl.store(out_ptr + offs, cast_rne(level.to(acc) * g.to(acc), g.dtype), mask=offs < n)
 
 
-def launch(kernel, n, bits, *args, **constexprs):
+def launch_elementwise(kernel, n, bits, *args, **constexprs):
     """Run an elementwise kernel over n codes, GROUPS groups of 8 per program. fp fusion is off so
     that `a * b + c` rounds twice, as in the torch reference."""
     if n:
-        kernel[(triton.cdiv(n, 8 * GROUPS),)](*args, n, BITS=bits, PLANES=triton.next_power_of_2(bits),
-                                              G=GROUPS, enable_fp_fusion=False, **constexprs)
+        launch(kernel, (triton.cdiv(n, 8 * GROUPS),), *args, n, BITS=bits, PLANES=triton.next_power_of_2(bits),
+               G=GROUPS, enable_fp_fusion=False, num_warps=WARPS, **constexprs)
 
 
 def pack(codes, bits, out):
     """Pack the flat integer (or uint8-viewed bool) codes into `out` (uint8, bits * ceil(n / 8))."""
-    launch(_pack_kernel, codes.numel(), bits, codes, out)
+    launch_elementwise(_pack_kernel, codes.numel(), bits, codes, out)
 
 
 def unpack(codes, bits, out):
     """Unpack into `out` (flat uint8 of n codes)."""
-    launch(_unpack_kernel, out.numel(), bits, codes, out)
+    launch_elementwise(_unpack_kernel, out.numel(), bits, codes, out)
 
 
 def bucketize(x, borders, bits, out):
     """Bucket indices of flat x among `borders` (2**bits - 1 sorted values, already in the dtype that
     x and the borders promote to), packed into `out`."""
-    launch(_bucketize_kernel, x.numel(), bits, x, borders, out, WIDE=borders.dtype == torch.float64)
+    launch_elementwise(_bucketize_kernel, x.numel(), bits, x, borders, out, WIDE=borders.dtype == torch.float64)
 
 
 def lookup_mul(codes, bits, levels, grad, out):
     """out = levels[code] * grad, elementwise over the flat grad (levels in grad's dtype)."""
-    launch(_lookup_mul_kernel, grad.numel(), bits, codes, levels, grad, out, WIDE=grad.dtype == torch.float64)
+    launch_elementwise(_lookup_mul_kernel, grad.numel(), bits, codes, levels, grad, out,
+                       WIDE=grad.dtype == torch.float64)

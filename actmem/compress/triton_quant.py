@@ -14,9 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
+from actmem.compress.launch import launch
 from actmem.compress.triton_index import cast_rne, pack_tile, unpack_tile
 
-TILE = 2048  # elements per program
+# 4 elements a thread: 2048-element tiles needed up to 169 registers in the mixed-width quantizer (12 %
+# occupancy on sm_90), 128 forced by maxnreg spilled; at 1024 it takes at most 80 (results/kernels-static.md).
+TILE = 1024  # elements per program
+WARPS = 8
 
 
 @triton.jit
@@ -73,8 +77,10 @@ def _byte_offsets(base, width, GROUP: tl.constexpr, BLOCK: tl.constexpr, PLANES:
     return tl.reshape(addr, (ROWS * BLOCK // 8, PLANES)), tl.reshape(mask, (ROWS * BLOCK // 8, PLANES))
 
 
-@triton.jit
-def _quantize_kernel(x_ptr, lo_ptr, step_ptr, codes_ptr, width_ptr, base_ptr, seed, rows, numel, groups,
+# Seeds and counts used only in index arithmetic are not specialized: Triton would compile another kernel
+# whenever one equals 1 or is a multiple of 16 (a random seed every 16th step), for no gain.
+@triton.jit(do_not_specialize=["seed", "rows", "groups"])
+def _group_quantize_kernel(x_ptr, lo_ptr, step_ptr, codes_ptr, width_ptr, base_ptr, seed, rows, numel, groups,
                      GROUP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr,
                      PLANES: tl.constexpr, MIXED: tl.constexpr, STOCHASTIC: tl.constexpr):
     row, sample, offs, valid = _tile(rows, numel, groups, GROUP, BLOCK, ROWS)
@@ -110,8 +116,8 @@ def _quantize_kernel(x_ptr, lo_ptr, step_ptr, codes_ptr, width_ptr, base_ptr, se
     tl.store(codes_ptr + addr, packed.to(tl.uint8), mask=mask & live[:, None])
 
 
-@triton.jit
-def _dequantize_kernel(codes_ptr, lo_ptr, step_ptr, out_ptr, width_ptr, base_ptr, rows, numel, groups,
+@triton.jit(do_not_specialize=["rows", "groups"])
+def _group_dequantize_kernel(codes_ptr, lo_ptr, step_ptr, out_ptr, width_ptr, base_ptr, rows, numel, groups,
                        GROUP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, BITS: tl.constexpr,
                        PLANES: tl.constexpr, MIXED: tl.constexpr):
     row, sample, offs, valid = _tile(rows, numel, groups, GROUP, BLOCK, ROWS)
@@ -145,11 +151,12 @@ def _launch(kernel, rows, group_size, widths, *args, **constexprs):
         return
     block = triton.next_power_of_2(group_size)
     tile_rows = max(1, TILE // block)
-    bits = widths if isinstance(widths, int) else int(widths.max())
-    kernel[(triton.cdiv(rows, tile_rows),)](*args, GROUP=group_size, BLOCK=block, ROWS=tile_rows, BITS=bits,
-                                           PLANES=triton.next_power_of_2(bits),
-                                           MIXED=not isinstance(widths, int), enable_fp_fusion=False,
-                                           **constexprs)
+    # Mixed widths are read per row; the batch's widest code only sizes the packing tile, so it is rounded
+    # to a power of two: at most 4 compiled variants however the widths move during training.
+    planes = triton.next_power_of_2(widths if isinstance(widths, int) else int(widths.max()))
+    launch(kernel, (triton.cdiv(rows, tile_rows),), *args, GROUP=group_size, BLOCK=block, ROWS=tile_rows,
+           BITS=widths if isinstance(widths, int) else planes, PLANES=planes, MIXED=not isinstance(widths, int),
+           enable_fp_fusion=False, num_warps=WARPS, **constexprs)
 
 
 def _width_args(widths, groups, group_size, dummy):
@@ -164,7 +171,7 @@ def quantize(x2, widths, group_size, stochastic, seed, lo, step, codes):
     N, M = x2.shape
     G = lo.shape[1]
     width, base = _width_args(widths, G, group_size, lo)
-    _launch(_quantize_kernel, N * G, group_size, widths, x2, lo, step, codes, width, base, seed or 0,
+    _launch(_group_quantize_kernel, N * G, group_size, widths, x2, lo, step, codes, width, base, seed or 0,
             N * G, M, G, STOCHASTIC=stochastic)
 
 
@@ -173,4 +180,4 @@ def dequantize(codes, lo, step, widths, group_size, out):
     N, M = out.shape
     G = lo.shape[1]
     width, base = _width_args(widths, G, group_size, lo)
-    _launch(_dequantize_kernel, N * G, group_size, widths, codes, lo, step, out, width, base, N * G, M, G)
+    _launch(_group_dequantize_kernel, N * G, group_size, widths, codes, lo, step, out, width, base, N * G, M, G)

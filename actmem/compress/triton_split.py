@@ -11,10 +11,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from actmem.compress.launch import launch
 from actmem.compress.triton_index import cast_rne, load_packed, store_packed
 
 GROUPS = 128  # groups of 8 codes per iteration: 1024 elements
-POOL_TILE = 2048  # elements of x per block-mean iteration
+POOL_TILE = 1024  # elements of x per block-mean iteration (2048 spill on sm_80 for [N, F] rows)
 
 
 @triton.jit
@@ -41,8 +42,10 @@ def _bf16_down(v):
     return i.to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def _compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, Hp, Wp, sh, sw,
+# Seeds and counts used only in index arithmetic are not specialized: Triton would compile another kernel
+# whenever one equals 1 or is a multiple of 16 (a random seed every 16th step), for no gain.
+@triton.jit(do_not_specialize=["seed", "kh", "kw", "Hp", "Wp"])
+def _split_compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, Hp, Wp, sh, sw,
                      BITS: tl.constexpr, PLANES: tl.constexpr, STOCHASTIC: tl.constexpr,
                      BH: tl.constexpr, BJ: tl.constexpr, BW: tl.constexpr, G: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
@@ -96,8 +99,8 @@ def _compress_kernel(x_ptr, lfc_ptr, stats_ptr, codes_ptr, seed, H, W, kh, kw, H
         store_packed(codes_ptr, group, e, q, HW, BITS, PLANES)
 
 
-@triton.jit
-def _decompress_kernel(codes_ptr, lfc_ptr, stats_ptr, out_ptr, H, W, Hp, Wp, sh, sw,
+@triton.jit(do_not_specialize=["Hp", "Wp"])
+def _split_decompress_kernel(codes_ptr, lfc_ptr, stats_ptr, out_ptr, H, W, Hp, Wp, sh, sw,
                        BITS: tl.constexpr, PLANES: tl.constexpr, G: tl.constexpr):
     p = tl.program_id(0).to(tl.int64)
     HW = H * W
@@ -119,14 +122,14 @@ def compress(x, lfc, stats, codes, seed, geometry, scales, bits, stochastic):
     Hp, Wp = H // kh, W // kw
     BH, BW = triton.next_power_of_2(kh), triton.next_power_of_2(kw)
     BJ = max(1, min(triton.next_power_of_2(Wp), POOL_TILE // (BH * BW)))
-    _compress_kernel[(P,)](x, lfc, stats, codes, seed, H, W, kh, kw, Hp, Wp, sh, sw, BITS=bits,
-                           PLANES=triton.next_power_of_2(bits), STOCHASTIC=stochastic,
-                           BH=BH, BJ=BJ, BW=BW, G=GROUPS, enable_fp_fusion=False)
+    launch(_split_compress_kernel, (P,), x, lfc, stats, codes, seed, H, W, kh, kw, Hp, Wp, sh, sw, BITS=bits,
+           PLANES=triton.next_power_of_2(bits), STOCHASTIC=stochastic, BH=BH, BJ=BJ, BW=BW, G=GROUPS,
+           enable_fp_fusion=False)
 
 
 def decompress(codes, lfc, stats, out, geometry, scales, bits):
     """Fill out (P planes of H x W, the original dtype) with upsample(lfc) + dequant(hfc)."""
     P, H, W, kh, kw = geometry
     grid = (P, triton.cdiv(H * W, 8 * GROUPS))
-    _decompress_kernel[grid](codes, lfc, stats, out, H, W, H // kh, W // kw, *scales, BITS=bits,
-                             PLANES=triton.next_power_of_2(bits), G=GROUPS, enable_fp_fusion=False)
+    launch(_split_decompress_kernel, grid, codes, lfc, stats, out, H, W, H // kh, W // kw, *scales, BITS=bits,
+           PLANES=triton.next_power_of_2(bits), G=GROUPS, enable_fp_fusion=False)

@@ -34,7 +34,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from actmem.compress.backend import use_triton
+from actmem.compress.backend import dispatch
 from actmem.errors import StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed
 
@@ -59,11 +59,19 @@ def kernel_kind(act: nn.Module) -> str | None:
 def value_and_derivative(act: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ(x), σ'(x)) in one forward-mode pass."""
     kind = kernel_kind(act)
-    if kind is not None and use_triton(x):
-        # Imported here: Triton decides when a kernel is defined whether to interpret it (tests on CPU).
-        from actmem.strategies import forward_ad_kernel
+    if kind is None:
+        return _jvp(act, x, kind)
+    return dispatch(x, _fused, _jvp, act, x, kind)
 
-        return forward_ad_kernel.value_and_derivative(x, kind)
+
+def _fused(act: nn.Module, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    # Imported here: Triton decides when a kernel is defined whether to interpret it (tests on CPU).
+    from actmem.strategies import forward_ad_kernel
+
+    return forward_ad_kernel.value_and_derivative(x, kind)
+
+
+def _jvp(act: nn.Module, x: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.func.jvp(act, (x,), (torch.ones_like(x),))
 
 

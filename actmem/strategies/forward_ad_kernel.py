@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from actmem.compress.launch import launch
 from actmem.compress.triton_index import cast_rne
 
 KINDS = ("gelu", "gelu_tanh", "silu", "mish")
@@ -49,5 +50,5 @@ def value_and_derivative(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torc
     x = x.contiguous()
     y, d = torch.empty_like(x), torch.empty_like(x)
     n = x.numel()
-    _value_and_derivative_kernel[(triton.cdiv(n, BLOCK),)](x, y, d, n, KINDS.index(kind), BLOCK)
+    launch(_value_and_derivative_kernel, (triton.cdiv(n, BLOCK),), x, y, d, n, KINDS.index(kind), BLOCK)
     return y, d
