@@ -14,6 +14,7 @@ Runs without TRITON_INTERPRET=1 (the interpreter's kernels cannot be compiled).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import multiprocessing
@@ -61,10 +62,11 @@ def record(model_names=None, log=print, on_new=lambda launch: None) -> dict[Laun
     for model_name, side in MODELS:
         if model_names and model_name not in model_names:
             continue
+        torch.manual_seed(0)
+        built = models.build(model_name, num_classes=10)
         for name, kw in strategy_settings():
-            torch.manual_seed(0)
             try:
-                model = strategies.apply(models.build(model_name, num_classes=10), name, **kw)
+                model = strategies.apply(copy.deepcopy(built), name, **kw)
             except StrategyError:
                 continue  # the strategy does not serve this model
             x = torch.randn(BATCH, 3, side, side)
@@ -198,8 +200,9 @@ def main(argv=None) -> int:
     for launch in sorted(seen, key=lambda x: x.name):
         print(f"  {launch.name}  <- {seen[launch]}")
     if args.out:
+        text = header(argv, started, time.perf_counter() - t0) + report(results, seen)  # before the file exists
         with open(args.out, "w") as f:
-            f.write(header(argv, started, time.perf_counter() - t0) + report(results, seen) + "\n")
+            f.write(text + "\n")
     found = problems(results)
     for line in found:
         print("FAIL", line)
