@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from actmem import models, strategies
 from actmem.errors import StrategyError
 from actmem.measure import activation_bytes
-from actmem.strategies.checkpoint import Checkpointed
-from actmem.strategies.forward_ad import Deferred, find_pairs
+from actmem.suite.workload import recompute_pairs
 
 RECOMPUTE = "recompute σ->f2"
 
@@ -42,17 +41,6 @@ def groups() -> dict[str, list[str]]:
     conv = ["exact", *(n for n in names if n not in ("exact", *NONLINEAR))]
     return {"resnet20": conv,
             "vit_tiny": ["exact", "checkpoint", RECOMPUTE, *(n for n in NONLINEAR if n in names)]}
-
-
-def recompute_pairs(model: torch.nn.Module) -> torch.nn.Module:
-    """Checkpoint each σ -> f2 pair that forward_ad would fuse (keeps σ's input, reruns σ and f2)."""
-    modules = dict(model.named_modules())
-    for act, layer in find_pairs(model):
-        for name, new in ((layer, Checkpointed(torch.nn.Sequential(modules[act], modules[layer]))),
-                          (act, Deferred())):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
-    return model
 
 
 def sync(device: torch.device) -> None:
