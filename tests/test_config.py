@@ -47,3 +47,11 @@ def test_validate_rejects_impossible_values():
         validate(compose_with("optim.schedule=multistep"))
     with pytest.raises(ConfigError, match="trainer.epochs=0"):
         validate(compose_with("trainer.epochs=0"))
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "strategy", "optim", "trainer", "logger", "experiment"])
+def test_every_group_refuses_a_name_it_does_not_have_and_lists_its_options(group):
+    with pytest.raises(Exception) as refused:
+        compose_with(f"{group}=nosuch_{group}")
+    message = str(refused.value)
+    assert f"nosuch_{group}" in message and all(name in message for name in options(group)), message
