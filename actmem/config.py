@@ -2,6 +2,7 @@
 at composition with Hydra's own message. Registries supply the per-option schemas."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,7 +108,7 @@ def validate(cfg) -> None:
     _check(t.amp in AMP_MODES, f"trainer.amp={t.amp!r}: use one of {', '.join(AMP_MODES)}.")
     _check(o.name in OPTIMIZERS, f"optim.name={o.name!r}: use one of {', '.join(OPTIMIZERS)} (optim=sgd|adamw).")
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}.")
-    _check(o.lr > 0, f"optim.lr={o.lr}: the learning rate must be positive.")
+    _check(0 < o.lr < math.inf, f"optim.lr={o.lr}: the learning rate must be a positive finite number, e.g. 0.1.")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: it must be >= 0.")
     _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing}: use a value in [0, 1).")
     _check(o.schedule != "multistep" or len(o.milestones) > 0,

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from actmem.errors import DivergedError, NonFiniteError
 from actmem.measure import Throughput
 
 
@@ -60,16 +61,27 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
         x = precision.prepare(x)
         meter.start()
         t0 = time.perf_counter()
-        with precision.autocast(device):
-            out = model(x)
-            loss = loss_fn(out, y)
+        try:
+            with precision.autocast(device):
+                out = model(x)
+                loss = loss_fn(out, y)
+        except NonFiniteError as e:
+            raise DivergedError(f"training diverged at step {step + 1} (epoch {epoch}): in the forward pass an "
+                                f"activation to compress was already NaN/Inf ({e}) Lower optim.lr, or check the "
+                                "data; the last checkpoint is the last finished epoch.", step + 1) from None
+        _check_finite(loss.detach()[None], "the training loss", step, epoch)
         optimizer.zero_grad(set_to_none=True)
-        if precision.scaler is not None:
+        if precision.scaler is not None:  # fp16: the scaler skips steps with NaN/Inf gradients itself
             precision.scaler.scale(loss).backward()
             precision.scaler.step(optimizer)
             precision.scaler.update()
         else:
             loss.backward()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            if grads:
+                _check_finite(torch.stack(torch._foreach_norm(grads)), "a gradient, with the loss finite (it "
+                              "overflowed in the backward pass; under a compressed strategy a decoded activation "
+                              "can also be the cause),", step, epoch)
             optimizer.step()
         scheduler.step()
         meter.stop(len(x))
@@ -90,6 +102,16 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
     mean_loss = (loss_sum / max(seen, 1)).item()
     acc = 100.0 * correct.item() / max(seen, 1)
     return EpochResult(step, mean_loss, acc, seen / max(t_timed, 1e-9), time.perf_counter() - t_epoch)
+
+
+def _check_finite(values: torch.Tensor, what: str, step: int, epoch: int) -> None:
+    """Stop at the first NaN/Inf, before it reaches the weights (one sync a step; GPU steps sync anyway
+    to be timed)."""
+    if not bool(torch.isfinite(values).all()):
+        raise DivergedError(f"training diverged at step {step + 1} (epoch {epoch}): {what} is NaN or Inf. Lower "
+                            "optim.lr (or use warm-up, optim.warmup_epochs), or check the data; the weights were "
+                            "not updated by this step, and the last checkpoint is the last finished epoch.",
+                            step + 1)
 
 
 @torch.no_grad()

@@ -19,3 +19,11 @@ class StrategyError(ConfigError):
 
 class NonFiniteError(ActmemError, ValueError):
     """A tensor to compress holds NaN or Inf: it has no code, and training has usually diverged."""
+
+
+class DivergedError(ActmemError):
+    """Training produced a NaN or Inf (loss, gradients or an activation to compress) at `step`."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -12,10 +13,22 @@ import torch
 import actmem
 
 
+def strict(obj):
+    """obj with every NaN/Inf float as None: JSON has no such numbers, and a reader's json.loads must
+    not fail on a diverged run's record."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+        json.dump(strict(obj), f, indent=2, default=str, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -57,7 +70,7 @@ class RunLog:
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict(record), allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"},
                            step=record["step"])

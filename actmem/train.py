@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from actmem import data, models, resume, strategies
 from actmem.config import register_configs, validate
 from actmem.engine import Precision, evaluate, train_epoch
-from actmem.errors import ActmemError, ConfigError
+from actmem.errors import ActmemError, ConfigError, DivergedError
 from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes, reset_peak_rss
 from actmem.optim import build_optimizer, build_scheduler
 from actmem.runlog import RunLog, git_commit, versions, write_json_atomic
@@ -165,7 +165,8 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg, run_dir, summary)
     except ActmemError as e:
-        summary.update(status="failed", error=str(e))
+        failed_at = {"failed_step": e.step} if isinstance(e, DivergedError) else {}
+        summary.update(status="failed", error=str(e), **failed_at)
         if cfg.debug:
             raise
         print(_paragraph(f"Error: {e}"), file=sys.stderr)

@@ -118,3 +118,28 @@ def test_multirun_gives_each_run_its_own_directory(tmp_path):
     assert names == [expected.format(n) for n in ("checkpoint", "exact")]
     ratio = json.loads(summaries[0].read_text())["activation_ratio"]
     assert ratio > 1.0
+
+
+def _strict_json(path):
+    def refuse(constant):
+        raise ValueError(f"{path} holds {constant}: not strict JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("strategy", ["exact", "actnn"])
+def test_a_diverged_run_fails_naming_its_step_with_strict_json(tmp_path, strategy):
+    res = run_train("dataset=synthetic", "model=resnet20", f"strategy={strategy}", "optim.lr=1e9",
+                    "trainer.max_steps=8", "logger=jsonl", "logger.log_every=1", run_dir=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    summary = _strict_json(tmp_path / "summary.json")
+    assert summary["status"] == "failed" and isinstance(summary["failed_step"], int), summary
+    assert f"diverged at step {summary['failed_step']}" in res.stderr and "optim.lr" in res.stderr
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"metrics.jsonl holds {c}"))
+
+
+def test_an_infinite_learning_rate_is_refused_before_training(tmp_path):
+    res = run_train("dataset=synthetic", "model=resnet20", "optim.lr=inf", "logger=none", run_dir=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "optim.lr=inf" in res.stderr, res.stderr
+    assert _strict_json(tmp_path / "summary.json")["status"] == "failed"
