@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import textwrap
 import time
@@ -154,16 +155,42 @@ def run(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
                    throughput_img_s=meter.img_per_s, wall_time_s=time.perf_counter() - t_start)
 
 
+class Interrupted(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (what Slurm and most schedulers send at a time limit) during a run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def _paragraph(text: str) -> str:
-    return textwrap.fill(" ".join(str(text).split()), width=100)
+    return textwrap.fill(" ".join(str(text).split()), width=100, break_long_words=False, break_on_hyphens=False)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = Summary(run_dir, cfg)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, _interrupt)
+        except ValueError:  # not the main thread (a launcher's worker): its signals stay as they were
+            pass
     try:
         run(cfg, run_dir, summary)
+    except Interrupted as e:
+        summary.update(status="interrupted", error=f"stopped by {e}")
+        done = summary.fields["epochs"]
+        print(_paragraph(f"Interrupted by {e}. {run_dir} keeps the checkpoint of its last finished epoch "
+                         f"({done} done); run the same command with hydra.run.dir={run_dir} to resume from it."
+                         if (run_dir / resume.NAME).exists() else
+                         f"Interrupted by {e} before the first epoch finished: there is no checkpoint to resume "
+                         "from; run the command again to start over."), file=sys.stderr)
+        sys.exit(128 + e.signum)
     except ActmemError as e:
         failed_at = {"failed_step": e.step} if isinstance(e, DivergedError) else {}
         summary.update(status="failed", error=str(e), **failed_at)

@@ -78,7 +78,12 @@ def test_imagenet_path_runs_resnet50_on_imagenette(tmp_path, imagenette_root):
     assert summary["status"] == "completed" and summary["steps"] == 3 and summary["dataset"] == "imagenet"
 
 
-def test_killed_run_resumes_from_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("signum, status, code", [(signal.SIGKILL, "running", -signal.SIGKILL),
+                                                  (signal.SIGTERM, "interrupted", 128 + signal.SIGTERM),
+                                                  (signal.SIGINT, "interrupted", 128 + signal.SIGINT)])
+def test_killed_or_interrupted_run_resumes_from_last_checkpoint(tmp_path, signum, status, code):
+    """SIGKILL leaves "running" (nothing can record it); SIGTERM (a scheduler's time limit) and SIGINT
+    (Ctrl-C) record "interrupted" and exit 128 + the signal. Each resumes from the last epoch."""
     overrides = ["dataset=synthetic", "dataset.train_size=1024", "dataset.test_size=64", "model=resnet20",
                  "trainer.batch_size=32", "trainer.epochs=3", "logger=jsonl", "logger.log_every=1",
                  "trainer.measure_activations=false"]
@@ -95,9 +100,12 @@ def test_killed_run_resumes_from_last_checkpoint(tmp_path):
                 break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "running"
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code and "Traceback" not in err, err
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == status
+    if status == "interrupted":
+        assert f"hydra.run.dir={tmp_path}" in " ".join(err.split()), err
 
     res = run_train(*overrides, run_dir=tmp_path)
     assert res.returncode == 0, res.stderr
