@@ -2,6 +2,7 @@
 loses at most one epoch and resumes where it stopped when started again in the same directory."""
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -9,7 +10,52 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actmem.errors import ConfigError
+
 NAME = "checkpoint.pt"
+# What a restart may change: the length of the run (the schedule is then laid out for the new length from
+# the step reached), and how it reports or where it runs. Anything else makes it another run.
+RESUMABLE = ("trainer.epochs", "trainer.max_steps", "trainer.progress", "trainer.device", "trainer.threads",
+             "trainer.measure_activations", "trainer.warmup_steps", "logger.", "debug")
+
+
+def previous_run(run_dir: Path, config: dict) -> dict | None:
+    """The summary of the run this directory already holds (None if it holds none), after checking that
+    `config` (the resolved config of this start) is that run's, up to RESUMABLE keys; raises ConfigError
+    naming the differences otherwise, before anything in the directory is touched."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise ConfigError(f"{path} is unreadable ({e}), so it is unknown which run {run_dir} holds. Start this "
+                          f"run in a fresh directory, or delete {run_dir} to discard what it holds.") from None
+    if old.get("config") is None:  # written before summaries kept their config
+        return old
+    before, now = _flat(old["config"]), _flat(config)
+    changed = sorted(k for k in before.keys() | now.keys()
+                     if before.get(k) != now.get(k) and not k.startswith(RESUMABLE))
+    if changed:
+        shown = "; ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])
+        raise ConfigError(f"{run_dir} holds another run ({old.get('status')}, {old.get('epochs')} epoch(s)): it "
+                          f"was started with other settings ({shown}). A run directory holds one run; only "
+                          f"{', '.join(k.rstrip('.') for k in RESUMABLE)} may change on a restart. Start this run "
+                          f"in a fresh directory (leave hydra.run.dir unset, or give another), or delete {run_dir} "
+                          "to discard the old run.")
+    return old
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _rng_state() -> dict:

@@ -62,6 +62,7 @@ class Summary:
             "activation_bytes": None, "activation_bytes_exact": None, "activation_ratio": None,
             "peak_memory_bytes": None, "peak_rss_bytes": None, "throughput_img_s": None,
             "wall_time_s": None, "versions": versions(), "git_commit": git_commit(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
         }
         self.write()
 
@@ -174,6 +175,17 @@ def _paragraph(text: str) -> str:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        previous = resume.previous_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
+    except ActmemError as e:  # another run's directory: refused before anything in it is touched
+        print(_paragraph(f"Error: {e}"), file=sys.stderr)
+        sys.exit(2)
+    length = {"epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps}
+    if previous and previous.get("status") == "completed" and previous.get("config") and \
+            {k: previous["config"]["trainer"][k] for k in length} == length:
+        print(f"{run_dir} holds this run, completed ({previous.get('epochs')} epoch(s)); nothing to do. "
+              "Give more trainer.epochs to train on.")
+        return
     summary = Summary(run_dir, cfg)
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:

@@ -151,3 +151,24 @@ def test_an_infinite_learning_rate_is_refused_before_training(tmp_path):
     res = run_train("dataset=synthetic", "model=resnet20", "optim.lr=inf", "logger=none", run_dir=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "optim.lr=inf" in res.stderr, res.stderr
     assert _strict_json(tmp_path / "summary.json")["status"] == "failed"
+
+
+def test_a_run_directory_holds_one_run(tmp_path):
+    """Another strategy or batch size in a used directory is refused before anything there is touched;
+    a completed run started again is left as it is; more epochs resume it."""
+    base = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=16", "model=resnet20",
+            "trainer.batch_size=32", "logger=none", "trainer.measure_activations=false"]
+    assert run_train(*base, run_dir=tmp_path).returncode == 0
+    finished = (tmp_path / "summary.json").read_text()
+    for other in ("strategy=actnn", "trainer.batch_size=16"):
+        res = run_train(*base, other, run_dir=tmp_path)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert "holds another run" in res.stderr and other.split("=")[0] in res.stderr, res.stderr
+        assert (tmp_path / "summary.json").read_text() == finished
+    res = run_train(*base, run_dir=tmp_path)
+    assert res.returncode == 0 and "nothing to do" in res.stdout, res.stdout + res.stderr
+    assert (tmp_path / "summary.json").read_text() == finished  # its throughput and wall time stay
+    res = run_train(*base, "trainer.epochs=2", run_dir=tmp_path)
+    assert res.returncode == 0 and "Resuming from" in res.stdout, res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["steps"] == 4
