@@ -13,6 +13,7 @@ import torch
 from actmem.errors import ConfigError
 
 NAME = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"  # the one before, kept in case the latest is found unreadable
 # What a restart may change: the length of the run (the schedule is then laid out for the new length from
 # the step reached), and how it reports or where it runs. Anything else makes it another run.
 RESUMABLE = ("trainer.epochs", "trainer.max_steps", "trainer.progress", "trainer.device", "trainer.threads",
@@ -48,6 +49,30 @@ def previous_run(run_dir: Path, config: dict) -> dict | None:
     return old
 
 
+def _readable_state(run_dir: Path, device) -> dict | None:
+    """The latest checkpoint, or the one before it where the latest cannot be read (truncated by a full
+    disk, say); ConfigError where neither can."""
+    path = run_dir / NAME
+    if not path.exists():
+        return None
+    errors = []
+    for candidate in (path, run_dir / PREVIOUS):
+        if not candidate.exists():
+            continue
+        try:
+            state = torch.load(candidate, map_location=device, weights_only=False)
+        except Exception as e:  # torch.load raises pickle, zip, EOF and Runtime errors for a damaged file
+            errors.append(f"{candidate.name}: {type(e).__name__}")
+            continue
+        if candidate != path:
+            print(f"{path} is unreadable ({errors[0]}); resuming from the checkpoint before it, {candidate}.",
+                  flush=True)
+        return state
+    raise ConfigError(f"{path} is unreadable ({'; '.join(errors)}) and no earlier checkpoint can be read, so "
+                      f"the run in {run_dir} cannot resume. Delete {run_dir} (or start in a fresh directory) to "
+                      "train from the start.")
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -81,15 +106,16 @@ def save(run_dir: Path, *, model, optimizer, scheduler, scaler, epoch: int, step
     path = run_dir / NAME
     tmp = path.with_name(NAME + ".tmp")
     torch.save(state, tmp)
+    if path.exists():
+        os.replace(path, run_dir / PREVIOUS)
     os.replace(tmp, path)
 
 
 def load(run_dir: Path, *, model, optimizer, scheduler, scaler, device) -> dict | None:
     """Restore the saved state in place; returns {epoch, step, progress} or None when starting fresh."""
-    path = run_dir / NAME
-    if not path.exists():
+    state = _readable_state(run_dir, device)
+    if state is None:
         return None
-    state = torch.load(path, map_location=device, weights_only=False)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -214,8 +214,10 @@ def main(cfg: DictConfig) -> None:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}")
         if cfg.debug:
             raise
-        print(_paragraph(f"Run failed: {type(e).__name__}: {e}. The run directory {run_dir} keeps the "
-                         "last checkpoint; run again with debug=true for the traceback."), file=sys.stderr)
+        kept = (f"The run directory {run_dir} keeps the checkpoint of the last finished epoch"
+                if (run_dir / resume.NAME).exists() else f"No epoch had finished, so {run_dir} holds no checkpoint")
+        print(_paragraph(f"Run failed: {type(e).__name__}: {e}. {kept}; run again with debug=true for the "
+                         "traceback."), file=sys.stderr)
         sys.exit(1)
 
 

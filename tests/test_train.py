@@ -172,3 +172,21 @@ def test_a_run_directory_holds_one_run(tmp_path):
     assert res.returncode == 0 and "Resuming from" in res.stdout, res.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["steps"] == 4
+
+
+def test_an_unreadable_checkpoint_falls_back_to_the_one_before_or_says_how_to_start_over(tmp_path):
+    base = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=16", "model=resnet20",
+            "trainer.batch_size=32", "logger=none", "trainer.measure_activations=false"]
+    assert run_train(*base, "trainer.epochs=2", run_dir=tmp_path).returncode == 0
+    latest, previous = tmp_path / "checkpoint.pt", tmp_path / "checkpoint.prev.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    res = run_train(*base, "trainer.epochs=3", run_dir=tmp_path)
+    assert res.returncode == 0 and "checkpoint.pt is unreadable" in res.stdout, res.stdout + res.stderr
+    assert "1 epoch(s), 2 step(s) done" in res.stdout  # from the checkpoint before
+    assert json.loads((tmp_path / "summary.json").read_text())["epochs"] == 3
+
+    latest.write_bytes(b"not a checkpoint")
+    previous.write_bytes(b"")
+    res = run_train(*base, "trainer.epochs=4", run_dir=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{latest} is unreadable" in " ".join(res.stderr.split()) and "Delete" in res.stderr, res.stderr
