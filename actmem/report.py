@@ -29,7 +29,9 @@ def load_runs(paths) -> pd.DataFrame:
     for path in map(Path, paths):
         files = [path] if path.is_file() else sorted(path.rglob("summary.json"))
         for f in files:
-            s = json.loads(f.read_text())
+            s = _summary(f)
+            if s is None:
+                continue
             mb = lambda v: v / MB if v is not None else None  # noqa: E731
             rows.append({
                 "dataset": s.get("dataset"), "model": s.get("model"), "strategy": s.get("strategy"),
@@ -41,6 +43,26 @@ def load_runs(paths) -> pd.DataFrame:
             })
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "throughput_vs_exact"])
     return add_relative_throughput(df)
+
+
+def _summary(f: Path) -> dict | None:
+    """The summary's fields; None (and a line on stderr naming the file) where it is not a JSON object, so
+    that one damaged run leaves the rest of a sweep's table."""
+    try:
+        s = json.loads(f.read_text())
+        if isinstance(s, dict):
+            return s
+        reason = f"a JSON {type(s).__name__}, not an object"
+    except (OSError, ValueError) as e:
+        reason = f"unreadable: {e}"
+    print(f"Skipped {f}: {reason}. Its run is not in the table; rerun it, or remove the file.", file=sys.stderr)
+    return None
+
+
+def plot_formats() -> set[str]:
+    from matplotlib.figure import Figure
+
+    return set(Figure().canvas.get_supported_filetypes())
 
 
 def add_relative_throughput(df: pd.DataFrame) -> pd.DataFrame:
@@ -95,18 +117,27 @@ def main(argv=None) -> int:
     if missing:
         print(f"Error: no such path: {', '.join(missing)}.", file=sys.stderr)
         return 2
+    if args.plot and args.plot.suffix.lstrip(".").lower() not in plot_formats():
+        print(f"Error: --plot {args.plot}: matplotlib cannot write a {args.plot.suffix or 'suffix-less'} file; "
+              f"use one of {', '.join('.' + f for f in sorted(plot_formats()))}.", file=sys.stderr)
+        return 2
     df = load_runs(args.paths)
     if df.empty:
         print(f"Error: no summary.json under {', '.join(args.paths)}; run `python -m actmem.train` first.",
               file=sys.stderr)
         return 2
     text = render(df, args.format)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
-    if args.plot:
-        plot(df, args.plot)
+    try:
+        if args.out:
+            args.out.write_text(text + "\n")
+        else:
+            print(text)
+        if args.plot:
+            plot(df, args.plot)
+    except OSError as e:
+        print(f"Error: cannot write {e.filename}: {e.strerror}. Give a path in a writable directory.",
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -57,3 +57,20 @@ def test_cli_errors_on_empty_or_missing_paths(tmp_path):
     res = subprocess.run([sys.executable, "-m", "actmem.report", str(tmp_path / "nope")], cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode == 2 and "no such path" in res.stderr
+
+
+def test_damaged_summaries_are_skipped_by_name_and_unwritable_outputs_refused(tmp_path, capsys):
+    _summary(tmp_path / "good", "exact", 100.0)
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "summary.json").write_text('{"status": "compl')
+    (tmp_path / "list").mkdir()
+    (tmp_path / "list" / "summary.json").write_text("[1, 2]")
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "exact" in out and f"Skipped {tmp_path / 'corrupt' / 'summary.json'}: unreadable" in err
+    assert f"Skipped {tmp_path / 'list' / 'summary.json'}: a JSON list, not an object" in err
+    assert main([str(tmp_path), "--out", str(tmp_path / "no" / "such" / "dir" / "t.md")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert main([str(tmp_path), "--plot", str(tmp_path / "p.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert "--plot" in err and ".png" in err and not (tmp_path / "p.xyz").exists()
