@@ -39,7 +39,7 @@ L3 (QScheme for Conv/Linear, QBNScheme for BatchNorm):
 
 Other differences from the official code: average pooling stays average pooling (the official
 `QAvgPool2d` silently runs max pooling); the max-pool index takes ceil(log2(k*k)) bits (4 for 3x3),
-not a byte; Dropout keeps a 1-bit mask (the official code has no Dropout layer); the last partial
+not a byte (Dropout keeps a 1-bit mask, as the official `QDropout` does); the last partial
 group of a sample does not count its padding in the ranges (the official code pads with zeros);
 ConvTranspose and SyncBatchNorm stay exact (the official code has layers for them). Transformer
 pieces are an extension: the paper and its code target CNNs, and on a ViT they would leave LayerNorm
