@@ -110,6 +110,13 @@ def validate(cfg) -> None:
     _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}.")
     _check(0 < o.lr < math.inf, f"optim.lr={o.lr}: the learning rate must be a positive finite number, e.g. 0.1.")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: it must be >= 0.")
+    _check(o.momentum >= 0, f"optim.momentum={o.momentum}: it must be >= 0 (SGD's default here is 0.9).")
+    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: it must be >= 0.")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optim.betas={list(o.betas)}: AdamW takes two values in [0, 1), e.g. optim.betas=[0.9,0.999].")
+    _check(cfg.seed >= 0, f"seed={cfg.seed}: torch takes seeds from 0 to 2**64 - 1; use a non-negative seed.")
+    _check(t.threads is None or t.threads > 0,
+           f"trainer.threads={t.threads}: give a positive number of CPU threads, or null for torch's choice.")
     _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing}: use a value in [0, 1).")
     _check(o.schedule != "multistep" or len(o.milestones) > 0,
            "optim.schedule=multistep needs optim.milestones, e.g. optim.milestones=[100,150].")

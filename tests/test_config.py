@@ -1,4 +1,5 @@
 """The config tree: every group option composes, and the options are exactly the registries' names."""
+import re
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,12 @@ def test_every_group_refuses_a_name_it_does_not_have_and_lists_its_options(group
         compose_with(f"{group}=nosuch_{group}")
     message = str(refused.value)
     assert f"nosuch_{group}" in message and all(name in message for name in options(group)), message
+
+
+@pytest.mark.parametrize("override, key", [("seed=-1", "seed=-1"), ("optim.momentum=-0.5", "optim.momentum"),
+                                           ("optim.betas=[0.9,1.0]", "optim.betas"),
+                                           ("optim.weight_decay=-1", "optim.weight_decay"),
+                                           ("trainer.threads=-2", "trainer.threads")])
+def test_settings_torch_would_reject_later_are_config_errors_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        validate(compose_with(override))
