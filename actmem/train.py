@@ -36,6 +36,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_input(model_name: str, image_shape: tuple[int, int, int], dataset_name: str) -> None:
+    """Refuse, before training, an input the model was not built for: CIFAR models (and vit_tiny's
+    positional embeddings) take 3x32x32; torchvision's ImageNet models any 3-channel size from 64 up
+    (below that their stride-32 stem leaves 1x1 maps before the last stage)."""
+    c, h, w = image_shape
+    kind = models.info(model_name)["input"]
+    if c != 3:
+        raise ConfigError(f"dataset={dataset_name} gives {c}-channel images; model={model_name} takes 3 channels "
+                          "(set dataset.channels=3).")
+    if kind == "cifar" and (h, w) != (32, 32):
+        raise ConfigError(f"model={model_name} is built for 32x32 CIFAR images; dataset={dataset_name} gives "
+                          f"{h}x{w}. Use dataset.image_size=32, or an ImageNet model (resnet50, ...) for this size.")
+    if kind == "imagenet" and min(h, w) < 64:
+        raise ConfigError(f"model={model_name} is an ImageNet model and dataset={dataset_name} gives {h}x{w} "
+                          "images; it needs at least 64x64 (224x224 as published). Use a larger "
+                          "dataset.image_size, or a CIFAR model (resnet20, resnet18, ...) for 32x32.")
+
+
 def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -90,6 +108,7 @@ def run(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
     seed_everything(cfg.seed, trainer.deterministic)
     strategy_cfg = strategies.resolve(cfg.strategy)
     bundle = data.build(cfg.dataset, batch_size=trainer.batch_size, device=device, seed=cfg.seed)
+    check_input(cfg.model.name, bundle.image_shape, cfg.dataset.name)
     model = models.build(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.kwargs).to(device)
     precision = Precision.build(trainer.amp, device, trainer.channels_last)
     if trainer.channels_last:

@@ -190,3 +190,14 @@ def test_an_unreadable_checkpoint_falls_back_to_the_one_before_or_says_how_to_st
     res = run_train(*base, "trainer.epochs=4", run_dir=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"{latest} is unreadable" in " ".join(res.stderr.split()) and "Delete" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("model, size, says", [
+    ("resnet20", 224, "built for 32x32"), ("vit_tiny", 64, "built for 32x32"), ("resnet50", 32, "at least 64x64"),
+    ("resnet20", 1, "built for 32x32")])
+def test_an_input_size_the_model_was_not_built_for_is_refused_before_training(tmp_path, model, size, says):
+    res = run_train("dataset=synthetic", f"dataset.image_size={size}", "dataset.train_size=8", "dataset.test_size=8",
+                    "trainer.batch_size=8", f"model={model}", "logger=none", run_dir=tmp_path)
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in said and says in said and f"{size}x{size}" in said, said
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 0
