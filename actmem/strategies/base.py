@@ -12,7 +12,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from actmem.errors import ConfigError
+from actmem.errors import ConfigError, StrategyError
 from actmem.registry import Registry
 
 STRATEGIES = Registry("strategy")
@@ -39,7 +39,15 @@ def resolve(name_or_cfg, **overrides) -> DictConfig:
 def apply(model: nn.Module, name_or_cfg, **overrides) -> nn.Module:
     """Apply a strategy by name (`apply(m, "actnn", bits=2)`) or by config (`apply(m, cfg)`)."""
     cfg = resolve(name_or_cfg, **overrides)
-    return STRATEGIES.get(cfg.name).fn(model, cfg)
+    done = getattr(model, "actmem_strategy", None)
+    if done is not None:
+        raise StrategyError(f"this model is already converted by strategy {done!r}; apply {cfg.name!r} to a fresh "
+                            "model (models.build), or apply both at once: strategy=combo with "
+                            f"strategy.parts=[{done},{cfg.name}].")
+    model = STRATEGIES.get(cfg.name).fn(model, cfg)
+    if cfg.name != "exact":  # exact changes nothing: any strategy may follow it
+        model.actmem_strategy = cfg.name
+    return model
 
 
 class Claimed:

@@ -200,7 +200,8 @@ def test_refusals():
     with pytest.raises(StrategyError, match="torch.fx"):
         strategies.apply(Branchy(), "blpa")
 
-    # an earlier strategy's modules are left alone: with every block checkpointed, no chain is left
+    # an earlier strategy's modules are left alone (as combo applies its parts, by the registry's function;
+    # strategies.apply itself refuses a converted model): with every block checkpointed, no chain is left
     ckpt = strategies.apply(models.build("preact_resnet56", num_classes=10), "checkpoint")
     with pytest.raises(StrategyError, match="no BatchNorm2d"):
-        strategies.apply(ckpt, "blpa")
+        strategies.STRATEGIES.get("blpa").fn(ckpt, strategies.resolve("blpa"))

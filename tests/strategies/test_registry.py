@@ -31,3 +31,12 @@ def test_exact_is_identity():
     assert strategies.apply(model, "exact") is model
     assert "exact" in strategies.STRATEGIES.names()
     assert torch.is_tensor(model(torch.randn(2, 3, 32, 32)))
+
+
+def test_a_converted_model_says_which_strategy_converted_it():
+    from actmem.errors import StrategyError
+
+    model = strategies.apply(models.build("resnet20", num_classes=10), "actnn")
+    with pytest.raises(StrategyError, match=r"already converted by strategy 'actnn'.*parts=\[actnn,division\]"):
+        strategies.apply(model, "division")
+    strategies.apply(strategies.apply(models.build("resnet20", num_classes=10), "exact"), "actnn")  # exact: no-op
