@@ -31,7 +31,7 @@ def previous_run(run_dir: Path, config: dict) -> dict | None:
         old = json.loads(path.read_text())
         if not isinstance(old, dict):
             raise ValueError("not a JSON object")
-    except ValueError as e:
+    except (OSError, ValueError) as e:  # a damaged file, or a path that is not a file
         raise ConfigError(f"{path} is unreadable ({e}), so it is unknown which run {run_dir} holds. Start this "
                           f"run in a fresh directory, or delete {run_dir} to discard what it holds.") from None
     if old.get("config") is None:  # written before summaries kept their config

@@ -205,7 +205,12 @@ def main(cfg: DictConfig) -> None:
         print(f"{run_dir} holds this run, completed ({previous.get('epochs')} epoch(s)); nothing to do. "
               "Give more trainer.epochs to train on.")
         return
-    summary = Summary(run_dir, cfg)
+    try:
+        summary = Summary(run_dir, cfg)
+    except OSError as e:
+        print(_paragraph(f"Error: cannot write {e.filename} ({e.strerror}). Give the run a directory it can "
+                         "write, e.g. hydra.run.dir=outputs/NAME."), file=sys.stderr)
+        sys.exit(2)
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(signum, _interrupt)

@@ -201,3 +201,10 @@ def test_an_input_size_the_model_was_not_built_for_is_refused_before_training(tm
     said = " ".join(res.stderr.split())
     assert res.returncode == 2 and "Traceback" not in said and says in said and f"{size}x{size}" in said, said
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 0
+
+
+def test_a_summary_path_that_is_not_a_file_is_refused_with_a_paragraph(tmp_path):
+    (tmp_path / "summary.json").mkdir()
+    res = run_train("dataset=synthetic", "model=resnet20", "trainer.max_steps=1", "logger=none", run_dir=tmp_path)
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in said and f"{tmp_path / 'summary.json'} is unreadable" in said
