@@ -14,7 +14,8 @@ Where this differs from the official code:
 - Conv3d/BatchNorm3d inputs [N, C, D, H, W] are split per depth slice ([N, C*D, H, W]); the official
   code has no 3-d split.
 - An input whose planes are single pixels ([N, C, 1, 1], e.g. squeeze-excitation convs) would only
-  grow under the split (bf16 mean + min/step per element); it is kept uncompressed instead.
+  grow under the split (bf16 mean + min/step per element); it is kept uncompressed instead. The official
+  code keeps every 4-D input with H == 1 exact; here [N, C, 1, W] with W > 1 is split along W like a row.
 """
 from __future__ import annotations
 
