@@ -43,8 +43,8 @@ not a byte (Dropout keeps a 1-bit mask, as the official `QDropout` does); the la
 group of a sample does not count its padding in the ranges (the official code pads with zeros);
 ConvTranspose and SyncBatchNorm stay exact (the official code has layers for them); the official scale
 (2^b - 1) / (max - min + 2e-6) widens every group's range by 2e-6, while here the step (max - min) / (2^b - 1)
-has no epsilon (a constant group gets step 0 and decodes exactly) and is rounded up to bf16 instead, so
-that no code exceeds 2^b - 1. Transformer
+has no epsilon: min is rounded down and the step up to bf16 instead, so that no code exceeds 2^b - 1.
+Transformer
 pieces are an extension: the paper and its code target CNNs, and on a ViT they would leave LayerNorm
 inputs, the attention's q/k/v and the softmax output (70% of vit_tiny's saved bytes outside the MLP)
 kept whole. Here they are quantized like BatchNorm inputs (per-sample groups, borrowed budget), as
