@@ -29,8 +29,8 @@ from actmem import models, strategies
 from actmem.compress import static
 from actmem.compress.launch import Launch, kernels, recording
 from actmem.errors import StrategyError
+from actmem.runlog import git_commit
 from actmem.strategies import actnn, blpa, fewbit
-from actmem.suite.provenance import git_commit
 
 # (model, input side): CIFAR nets of both ResNet kinds and a ViT, and ResNet-50 at ImageNet's 224,
 # whose planes (112 .. 7) give DIVISION's kernels their ImageNet shapes.
@@ -79,8 +79,8 @@ def record(model_names=None, log=print, on_new=lambda launch: None) -> dict[Laun
                 where = f"{model_name} {name}{''.join(f' {k}={v}' for k, v in kw.items())} {dtype_name}"
                 for launch in launches:
                     add(launch, where)
-                    if widest(launch):
-                        add(widest(launch), f"{where} (at 8 bits)")
+                    if wide := widest(launch):
+                        add(wide, f"{where} (at 8 bits)")
             log(f"  {model_name:16s} {name:10s} {kw or ''}: {time.perf_counter() - t:.1f} s, {len(seen)} so far")
     return seen
 

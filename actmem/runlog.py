@@ -35,13 +35,16 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def git_commit() -> str | None:
-    """HEAD's hash, with "-dirty" when tracked files differ from it (the run's code is not that commit)."""
+    """HEAD's hash, with "-dirty" when tracked files differ from it (the run's code is not that commit).
+    Where there is no repository (a copied working tree, as on a lent GPU machine), ACTMEM_GIT_COMMIT if
+    the caller set it, else None."""
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"],
                              capture_output=True, text=True, timeout=10, cwd=Path(actmem.__file__).parent)
-        return out.stdout.strip() or None
+        commit = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return None
+        commit = ""
+    return commit or os.environ.get("ACTMEM_GIT_COMMIT")
 
 
 def versions() -> dict:

@@ -4,7 +4,6 @@ copied off a borrowed machine, still says where it came from."""
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -12,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from actmem.runlog import git_commit
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,7 +36,8 @@ def collect(command: str, dry_run: bool) -> Provenance:
     except metadata.PackageNotFoundError:
         triton = "not installed"
     return Provenance(gpu, driver, f"{torch.__version__} (CUDA {torch.version.cuda})", triton,
-                      platform.python_version(), git_commit(), command, dry_run)
+                      platform.python_version(),
+                      git_commit() or "unknown (no git repository here; set ACTMEM_GIT_COMMIT)", command, dry_run)
 
 
 def gpu_and_driver() -> tuple[str, str]:
@@ -51,22 +53,6 @@ def gpu_and_driver() -> tuple[str, str]:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0), "unknown"
     return "none", "unknown"
-
-
-def git_commit() -> str:
-    """Short HEAD, '-dirty' when the tree differs from it (untracked files included: they run too)."""
-
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    commit = git("rev-parse", "--short=12", "HEAD")
-    if commit is None:  # a copied working tree (the lent GPU machine gets no .git): the caller may say it
-        return os.environ.get("ACTMEM_GIT_COMMIT", "unknown (no git repository here; set ACTMEM_GIT_COMMIT)")
-    return commit + ("-dirty" if git("status", "--porcelain") else "")
 
 
 def header(p: Provenance, section: str, started: dt.datetime, seconds: float, limit: float) -> str:

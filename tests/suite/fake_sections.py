@@ -1,5 +1,6 @@
-"""Sections for the runner's tests. The runner runs a section in its own process, which imports the
-section's module by name: the tests put this folder on PYTHONPATH."""
+"""Fixtures, not tests: sections for test_runner.py, which asserts on what they produce. The runner runs
+a section in its own process, which imports the section's module by name: the tests put this folder on
+PYTHONPATH."""
 import time
 
 from actmem.suite.base import Context, Table
