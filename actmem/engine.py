@@ -48,7 +48,7 @@ def _bar(loader, desc: str, enabled: bool):
 
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precision: Precision,
-                meter: Throughput, *, epoch: int, step: int, max_steps: int, runlog, progress: bool):
+                meter: Throughput, *, epoch: int, step: int, max_steps: int, records, progress: bool):
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -91,10 +91,10 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
         seen += n
         loss_sum += loss.detach().float() * n
         correct += (out.argmax(1) == y).sum()
-        if runlog.wants_step(step) or bar.disable is False:
+        if records.wants_step(step) or bar.disable is False:
             loss_now = loss.item()
-            if runlog.wants_step(step):
-                runlog.log({"epoch": epoch, "step": step, "split": "train", "loss": loss_now, "acc": None,
+            if records.wants_step(step):
+                records.log({"epoch": epoch, "step": step, "split": "train", "loss": loss_now, "acc": None,
                             "lr": scheduler.get_last_lr()[0], "img_per_s": n / (time.perf_counter() - t0),
                             "time": time.time()})
             bar.set_postfix(loss=f"{loss_now:.3f}", img_s=f"{seen / max(t_timed, 1e-9):.0f}")

@@ -29,7 +29,7 @@ from actmem import models, strategies
 from actmem.compress import static
 from actmem.compress.launch import Launch, kernels, recording
 from actmem.errors import StrategyError
-from actmem.runlog import git_commit
+from actmem.provenance import git_commit
 from actmem.strategies import actnn, blpa, fewbit
 
 # (model, input side): CIFAR nets of both ResNet kinds and a ViT, and ResNet-50 at ImageNet's 224,

@@ -5,7 +5,6 @@ import os
 import random
 import signal
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -14,15 +13,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from actmem import data, models, resume, strategies
+from actmem import data, models, strategies
 from actmem.config import register_configs, validate
 from actmem.engine import Precision, evaluate, train_epoch
 from actmem.errors import ActmemError, ConfigError, DivergedError
 from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes, reset_peak_rss
 from actmem.optim import build_optimizer, build_scheduler
-from actmem.runlog import RunLog, git_commit, versions, write_json_atomic
+from actmem.rundir import RunDirectory, paragraph
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 register_configs()
@@ -66,38 +65,12 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-class Summary:
-    """summary.json: written with status "running" at start, rewritten atomically as the run goes."""
-
-    def __init__(self, run_dir: Path, cfg: DictConfig):
-        self.path = run_dir / "summary.json"
-        self.fields = {
-            "status": "running", "dataset": cfg.dataset.name, "model": cfg.model.name,
-            "strategy": cfg.strategy.name,
-            "strategy_config": OmegaConf.to_container(cfg.strategy, resolve=True),
-            "batch_size": cfg.trainer.batch_size, "epochs": 0, "steps": 0, "seed": cfg.seed, "device": None,
-            "test_acc": None, "best_test_acc": None, "train_loss": None,
-            "activation_bytes": None, "activation_bytes_exact": None, "activation_ratio": None,
-            "peak_memory_bytes": None, "peak_rss_bytes": None, "throughput_img_s": None,
-            "wall_time_s": None, "versions": versions(), "git_commit": git_commit(),
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-        self.write()
-
-    def update(self, **fields) -> None:
-        self.fields.update(fields)
-        self.write()
-
-    def write(self) -> None:
-        write_json_atomic(self.path, self.fields)
-
-
 def measure_activations(model: nn.Module, batch, precision: Precision) -> int:
     x = precision.prepare(batch[0])
     return activation_bytes(model, x, autocast_dtype=precision.dtype)
 
 
-def run(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
+def run(cfg: DictConfig, directory: RunDirectory) -> None:
     t_start = time.perf_counter()
     reset_peak_rss()
     validate(cfg)
@@ -113,14 +86,14 @@ def run(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
     precision = Precision.build(trainer.amp, device, trainer.channels_last)
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    summary.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    directory.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
     probe = next(iter(bundle.train)) if trainer.measure_activations else None
     exact_bytes = measure_activations(model, probe, precision) if probe else None
     model = strategies.apply(model, strategy_cfg)
     strategy_bytes = measure_activations(model, probe, precision) if probe else None
-    summary.update(activation_bytes=strategy_bytes, activation_bytes_exact=exact_bytes,
-                   activation_ratio=exact_bytes / strategy_bytes if probe and strategy_bytes else None)
+    directory.update(activation_bytes=strategy_bytes, activation_bytes_exact=exact_bytes,
+                     activation_ratio=exact_bytes / strategy_bytes if probe and strategy_bytes else None)
     del probe
 
     steps_per_epoch = len(bundle.train)
@@ -132,47 +105,38 @@ def run(cfg: DictConfig, run_dir: Path, summary: Summary) -> None:
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     test_loss_fn = nn.CrossEntropyLoss()
 
-    state = resume.load(run_dir, model=model, optimizer=optimizer, scheduler=scheduler,
-                        scaler=precision.scaler, device=device)
+    state = directory.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
+                             device=device)
     start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     progress = state["progress"] if state else {"best_test_acc": None, "test_acc": None, "train_loss": None}
-    if state:
-        print(f"Resuming from {run_dir / resume.NAME}: {start_epoch} epoch(s), {step} step(s) done.", flush=True)
 
-    runlog = RunLog(run_dir, cfg.logger, OmegaConf.to_container(cfg, resolve=True))
     # Short runs (smoke tests) still get a figure: at least the last two steps are timed.
     meter = Throughput(device, min(trainer.warmup_steps, max(total_steps - step - 2, 0)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    epochs_done = start_epoch
-    try:
-        for epoch in range(start_epoch, trainer.epochs):
-            if step >= total_steps:
-                break
-            bundle.train.set_epoch(epoch)
-            result = train_epoch(model, bundle.train, optimizer, scheduler, train_loss_fn, precision, meter,
-                                 epoch=epoch, step=step, max_steps=total_steps, runlog=runlog,
-                                 progress=trainer.progress)
-            step = result.step
-            test_loss, test_acc = evaluate(model, bundle.test, test_loss_fn, precision, trainer.progress)
-            now = time.time()
-            runlog.log({"epoch": epoch, "step": step, "split": "train", "loss": result.loss, "acc": result.acc,
-                        "lr": scheduler.get_last_lr()[0], "img_per_s": result.img_per_s, "time": now})
-            runlog.log({"epoch": epoch, "step": step, "split": "test", "loss": test_loss, "acc": test_acc,
-                        "lr": scheduler.get_last_lr()[0], "img_per_s": None, "time": now})
-            best = max(test_acc, progress["best_test_acc"] or 0.0)
-            progress = {"best_test_acc": best, "test_acc": test_acc, "train_loss": result.loss}
-            print(f"epoch {epoch}: train loss {result.loss:.4f} acc {result.acc:.2f}% | test loss {test_loss:.4f} "
-                  f"acc {test_acc:.2f}% | {result.img_per_s:.0f} img/s", flush=True)
-            resume.save(run_dir, model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                        epoch=epoch + 1, step=step, progress=progress)
-            epochs_done = epoch + 1
-            summary.update(epochs=epochs_done, steps=step, **progress)
-    finally:
-        runlog.close()
-    summary.update(status="completed", epochs=epochs_done, steps=step,
-                   **progress, peak_memory_bytes=peak_gpu_bytes(device), peak_rss_bytes=peak_rss_bytes(),
-                   throughput_img_s=meter.img_per_s, wall_time_s=time.perf_counter() - t_start)
+    for epoch in range(start_epoch, trainer.epochs):
+        if step >= total_steps:
+            break
+        bundle.train.set_epoch(epoch)
+        result = train_epoch(model, bundle.train, optimizer, scheduler, train_loss_fn, precision, meter,
+                             epoch=epoch, step=step, max_steps=total_steps, records=directory,
+                             progress=trainer.progress)
+        step = result.step
+        test_loss, test_acc = evaluate(model, bundle.test, test_loss_fn, precision, trainer.progress)
+        now = time.time()
+        directory.log({"epoch": epoch, "step": step, "split": "train", "loss": result.loss, "acc": result.acc,
+                       "lr": scheduler.get_last_lr()[0], "img_per_s": result.img_per_s, "time": now})
+        directory.log({"epoch": epoch, "step": step, "split": "test", "loss": test_loss, "acc": test_acc,
+                       "lr": scheduler.get_last_lr()[0], "img_per_s": None, "time": now})
+        best = max(test_acc, progress["best_test_acc"] or 0.0)
+        progress = {"best_test_acc": best, "test_acc": test_acc, "train_loss": result.loss}
+        print(f"epoch {epoch}: train loss {result.loss:.4f} acc {result.acc:.2f}% | test loss {test_loss:.4f} "
+              f"acc {test_acc:.2f}% | {result.img_per_s:.0f} img/s", flush=True)
+        directory.save(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
+                       epoch=epoch + 1, step=step, progress=progress)
+        directory.update(epochs=epoch + 1, steps=step, **progress)
+    directory.finish("completed", peak_memory_bytes=peak_gpu_bytes(device), peak_rss_bytes=peak_rss_bytes(),
+                     throughput_img_s=meter.img_per_s, wall_time_s=time.perf_counter() - t_start)
 
 
 class Interrupted(BaseException):
@@ -187,29 +151,18 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
-def _paragraph(text: str) -> str:
-    return textwrap.fill(" ".join(str(text).split()), width=100, break_long_words=False, break_on_hyphens=False)
-
-
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        previous = resume.previous_run(run_dir, OmegaConf.to_container(cfg, resolve=True))
-    except ActmemError as e:  # another run's directory: refused before anything in it is touched
-        print(_paragraph(f"Error: {e}"), file=sys.stderr)
-        sys.exit(2)
-    length = {"epochs": cfg.trainer.epochs, "max_steps": cfg.trainer.max_steps}
-    if previous and previous.get("status") == "completed" and previous.get("config") and \
-            {k: previous["config"]["trainer"][k] for k in length} == length:
-        print(f"{run_dir} holds this run, completed ({previous.get('epochs')} epoch(s)); nothing to do. "
-              "Give more trainer.epochs to train on.")
-        return
-    try:
-        summary = Summary(run_dir, cfg)
-    except OSError as e:
-        print(_paragraph(f"Error: cannot write {e.filename} ({e.strerror}). Give the run a directory it can "
-                         "write, e.g. hydra.run.dir=outputs/NAME."), file=sys.stderr)
+        directory = RunDirectory(run_dir, cfg)  # refuses another run's directory before touching it
+        if directory.finished:
+            print(f"{run_dir} holds this run, completed ({directory.previous.get('epochs')} epoch(s)); nothing "
+                  "to do. Give more trainer.epochs to train on.")
+            return
+        directory.start()
+    except ActmemError as e:
+        print(paragraph(f"Error: {e}"), file=sys.stderr)
         sys.exit(2)
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
@@ -217,31 +170,31 @@ def main(cfg: DictConfig) -> None:
         except ValueError:  # not the main thread (a launcher's worker): its signals stay as they were
             pass
     try:
-        run(cfg, run_dir, summary)
+        run(cfg, directory)
     except Interrupted as e:
-        summary.update(status="interrupted", error=f"stopped by {e}")
-        done = summary.fields["epochs"]
-        print(_paragraph(f"Interrupted by {e}. {run_dir} keeps the checkpoint of its last finished epoch "
-                         f"({done} done); run the same command with hydra.run.dir={run_dir} to resume from it."
-                         if (run_dir / resume.NAME).exists() else
-                         f"Interrupted by {e} before the first epoch finished: there is no checkpoint to resume "
-                         "from; run the command again to start over."), file=sys.stderr)
+        directory.finish("interrupted", error=f"stopped by {e}")
+        done = directory.summary["epochs"]
+        print(paragraph(f"Interrupted by {e}. {run_dir} keeps the checkpoint of its last finished epoch "
+                        f"({done} done); run the same command with hydra.run.dir={run_dir} to resume from it."
+                        if directory.has_checkpoint else
+                        f"Interrupted by {e} before the first epoch finished: there is no checkpoint to resume "
+                        "from; run the command again to start over."), file=sys.stderr)
         sys.exit(128 + e.signum)
     except ActmemError as e:
         failed_at = {"failed_step": e.step} if isinstance(e, DivergedError) else {}
-        summary.update(status="failed", error=str(e), **failed_at)
+        directory.finish("failed", error=str(e), **failed_at)
         if cfg.debug:
             raise
-        print(_paragraph(f"Error: {e}"), file=sys.stderr)
+        print(paragraph(f"Error: {e}"), file=sys.stderr)
         sys.exit(2)
     except Exception as e:  # a failed run: record it, say what broke, keep the traceback behind debug=true
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}")
+        directory.finish("failed", error=f"{type(e).__name__}: {e}")
         if cfg.debug:
             raise
         kept = (f"The run directory {run_dir} keeps the checkpoint of the last finished epoch"
-                if (run_dir / resume.NAME).exists() else f"No epoch had finished, so {run_dir} holds no checkpoint")
-        print(_paragraph(f"Run failed: {type(e).__name__}: {e}. {kept}; run again with debug=true for the "
-                         "traceback."), file=sys.stderr)
+                if directory.has_checkpoint else f"No epoch had finished, so {run_dir} holds no checkpoint")
+        print(paragraph(f"Run failed: {type(e).__name__}: {e}. {kept}; run again with debug=true for the "
+                        "traceback."), file=sys.stderr)
         sys.exit(1)
 
 

@@ -44,7 +44,7 @@ import yaml
 from actmem import models, strategies
 from actmem.errors import ConfigError
 from actmem.measure import _module_scope, current_rss_bytes, peak_rss_bytes, saved_bytes_by_module
-from actmem.runlog import git_commit
+from actmem.provenance import git_commit
 
 GiB, MiB = 2**30, 2**20
 LEVELS = [f"actnn:level=L{i}" for i in range(4)]

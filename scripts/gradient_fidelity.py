@@ -28,7 +28,7 @@ import yaml
 
 from actmem import data, models, strategies
 from actmem.measure import activation_bytes
-from actmem.runlog import git_commit
+from actmem.provenance import git_commit
 
 ACTNN = ["actnn:level=L0", "actnn:level=L1", "actnn:level=L2", "actnn:level=L3"]
 ACTNN_BITS = ["actnn:level=L2,bits=1", "actnn:level=L2,bits=2", "actnn:level=L2,bits=8", "actnn:level=L3,bits=4"]

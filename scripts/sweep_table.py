@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from actmem.report import load_runs, render
-from actmem.runlog import git_commit
+from actmem.provenance import git_commit
 from actmem.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from actmem.runlog import git_commit
+from actmem.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,264 @@
+"""The run directory (SPEC.md: run directory) and its one owner.
+
+`RunDirectory` alone writes summary.json, metrics.jsonl and checkpoint.pt, and decides what a restart in
+a used directory may do: resume the same run (only RESUMABLE settings may differ), leave a completed run
+as it is, or refuse another run's directory before anything in it is touched. A checkpoint is written
+atomically at every epoch end with the one before kept, so a killed run loses at most one epoch and a
+truncated checkpoint falls back to the previous one. `CheckRunDir` is the Hydra callback that refuses,
+in one paragraph, an output directory that cannot be created, before Hydra tries to.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from actmem.errors import ConfigError
+from actmem.provenance import git_commit, versions
+
+SUMMARY, METRICS = "summary.json", "metrics.jsonl"
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+# What a restart may change: the length of the run (the schedule is then laid out for the new length from
+# the step reached), and how it reports or where it runs. Anything else makes it another run.
+RESUMABLE = ("trainer.epochs", "trainer.max_steps", "trainer.progress", "trainer.device", "trainer.threads",
+             "trainer.measure_activations", "trainer.warmup_steps", "logger.", "debug")
+LENGTH = ("epochs", "max_steps")
+
+
+def strict(obj):
+    """obj with every NaN/Inf float as None: JSON has no such numbers, and a reader's json.loads must
+    not fail on a diverged run's record."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(strict(obj), f, indent=2, default=str, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def paragraph(text: str) -> str:
+    return textwrap.fill(" ".join(str(text).split()), width=100, break_long_words=False, break_on_hyphens=False)
+
+
+class RunDirectory:
+    """One run's directory. Construct it first: it reads what the directory already holds and raises
+    ConfigError if that is another run. `logger=none` logs epoch records only, `jsonl` also a train record
+    every `logger.log_every` steps, `wandb` mirrors the records to wandb (offline unless logger.mode=online)."""
+
+    def __init__(self, path: Path, cfg: DictConfig):
+        self.path = Path(path)
+        self.cfg = cfg
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.previous = self._previous_summary()
+        self.summary: dict = {}
+        self.log_every = cfg.logger.log_every if cfg.logger.name != "none" else 0
+        self.wandb = None
+
+    @property
+    def finished(self) -> bool:
+        """It holds this run, completed at the length asked for now: a restart has nothing to do."""
+        old = self.previous
+        return bool(old and old.get("status") == "completed" and old.get("config")
+                    and all(old["config"]["trainer"].get(k) == self.cfg.trainer[k] for k in LENGTH))
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / CHECKPOINT).exists()
+
+    # ---------------------------------------------------------------- summary.json and metrics.jsonl
+
+    def start(self) -> None:
+        """summary.json with status "running"; ConfigError where the directory cannot be written."""
+        cfg = self.cfg
+        self.summary = {
+            "status": "running", "dataset": cfg.dataset.name, "model": cfg.model.name,
+            "strategy": cfg.strategy.name, "strategy_config": self.config["strategy"],
+            "batch_size": cfg.trainer.batch_size, "epochs": 0, "steps": 0, "seed": cfg.seed, "device": None,
+            "test_acc": None, "best_test_acc": None, "train_loss": None,
+            "activation_bytes": None, "activation_bytes_exact": None, "activation_ratio": None,
+            "peak_memory_bytes": None, "peak_rss_bytes": None, "throughput_img_s": None,
+            "wall_time_s": None, "versions": versions(), "git_commit": git_commit(), "config": self.config,
+        }
+        try:
+            self.update()
+        except OSError as e:
+            raise ConfigError(f"cannot write {e.filename} ({e.strerror}). Give the run a directory it can write, "
+                              "e.g. hydra.run.dir=outputs/NAME.") from None
+        if cfg.logger.name == "wandb":
+            import wandb
+            os.environ.setdefault("WANDB_SILENT", "true")
+            run_id = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]  # a resume continues it
+            self.wandb = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(self.path),
+                                    config=self.config, name=self.path.name, resume="allow", id=run_id)
+
+    def update(self, **fields) -> None:
+        self.summary.update(fields)
+        write_json_atomic(self.path / SUMMARY, self.summary)
+
+    def finish(self, status: str, **fields) -> None:
+        """The final summary (completed, failed or interrupted); closes the wandb mirror."""
+        self.update(status=status, **fields)
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+    def wants_step(self, step: int) -> bool:
+        return self.log_every > 0 and step % self.log_every == 0
+
+    def log(self, record: dict) -> None:
+        with open(self.path / METRICS, "a") as f:
+            f.write(json.dumps(strict(record), allow_nan=False) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"},
+                           step=record["step"])
+
+    # ---------------------------------------------------------------- checkpoint.pt
+
+    def save(self, *, model, optimizer, scheduler, scaler, epoch: int, step: int, progress: dict) -> None:
+        """`epoch`: epochs completed; `progress`: the loop's running figures (best accuracy, ...)."""
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "epoch": epoch, "step": step, "progress": progress, "rng": _rng_state()}
+        path = self.path / CHECKPOINT
+        tmp = path.with_name(CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        if path.exists():
+            os.replace(path, self.path / PREVIOUS)
+        os.replace(tmp, path)
+
+    def resume(self, *, model, optimizer, scheduler, scaler, device) -> dict | None:
+        """Restore the saved state in place and bring the summary up to it; returns {epoch, step,
+        progress}, or None when there is nothing to resume."""
+        state = self._readable_checkpoint(device)
+        if state is None:
+            return None
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler and state["scaler"]:
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        print(f"Resuming from {self.path / CHECKPOINT}: {state['epoch']} epoch(s), {state['step']} step(s) done.",
+              flush=True)
+        self.update(epochs=state["epoch"], steps=state["step"], **state["progress"])
+        return {"epoch": state["epoch"], "step": state["step"], "progress": state["progress"]}
+
+    # ---------------------------------------------------------------- what the directory already holds
+
+    def _previous_summary(self) -> dict | None:
+        """The summary of the run this directory holds (None if none), after checking that this start's
+        config is that run's up to RESUMABLE keys."""
+        path = self.path / SUMMARY
+        if not path.exists():
+            return None
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # a damaged file, or a path that is not a file
+            raise ConfigError(f"{path} is unreadable ({e}), so it is unknown which run {self.path} holds. Start "
+                              f"this run in a fresh directory, or delete {self.path} to discard what it holds.") from None
+        if old.get("config") is None:  # written before summaries kept their config
+            return old
+        before, now = _flat(old["config"]), _flat(self.config)
+        changed = sorted(k for k in before.keys() | now.keys()
+                         if before.get(k) != now.get(k) and not k.startswith(RESUMABLE))
+        if changed:
+            shown = "; ".join(f"{k}={before.get(k)!r} there, {now.get(k)!r} now" for k in changed[:6])
+            raise ConfigError(f"{self.path} holds another run ({old.get('status')}, {old.get('epochs')} epoch(s)): "
+                              f"it was started with other settings ({shown}). A run directory holds one run; only "
+                              f"{', '.join(k.rstrip('.') for k in RESUMABLE)} may change on a restart. Start this "
+                              "run in a fresh directory (leave hydra.run.dir unset, or give another), or delete "
+                              f"{self.path} to discard the old run.")
+        return old
+
+    def _readable_checkpoint(self, device) -> dict | None:
+        """The latest checkpoint, or the one before where the latest cannot be read (truncated by a full
+        disk, say); ConfigError where neither can."""
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            return None
+        errors = []
+        for candidate in (path, self.path / PREVIOUS):
+            if not candidate.exists():
+                continue
+            try:
+                state = torch.load(candidate, map_location=device, weights_only=False)
+            except Exception as e:  # torch.load raises pickle, zip, EOF and Runtime errors for a damaged file
+                errors.append(f"{candidate.name}: {type(e).__name__}")
+                continue
+            if candidate != path:
+                print(f"{path} is unreadable ({errors[0]}); resuming from the checkpoint before it, {candidate}.",
+                      flush=True)
+            return state
+        raise ConfigError(f"{path} is unreadable ({'; '.join(errors)}) and no earlier checkpoint can be read, so "
+                          f"the run in {self.path} cannot resume. Delete {self.path} (or start in a fresh "
+                          "directory) to train from the start.")
+
+
+class CheckRunDir(Callback):
+    """Hydra creates the output directory itself and, where it cannot, stops with a traceback; this
+    callback (configs/config.yaml, hydra.callbacks) creates it first and says in one paragraph what to do."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        _make_dir(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        _make_dir(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+
+def _make_dir(path: str, key: str) -> None:
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied", path)
+    except OSError as e:
+        print(paragraph(f"Error: {key}={path} cannot be used as an output directory: {e.filename or path}: "
+                        f"{e.strerror}. Give {key} a path where a directory can be created and written, e.g. "
+                        f"{key}=outputs/NAME."), file=sys.stderr)
+        sys.exit(2)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
