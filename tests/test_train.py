@@ -208,3 +208,22 @@ def test_a_summary_path_that_is_not_a_file_is_refused_with_a_paragraph(tmp_path)
     res = run_train("dataset=synthetic", "model=resnet20", "trainer.max_steps=1", "logger=none", run_dir=tmp_path)
     said = " ".join(res.stderr.split())
     assert res.returncode == 2 and "Traceback" not in said and f"{tmp_path / 'summary.json'} is unreadable" in said
+
+
+def test_a_run_that_breaks_in_training_records_failed_and_says_whether_a_checkpoint_was_kept(tmp_path):
+    """Any other error (here an image file that is not an image) fails the run with one paragraph and a
+    `failed` summary; with no epoch finished it must not claim a checkpoint."""
+    root = tmp_path / "imagenet"
+    for split in ("train", "val"):
+        for wnid in ("n01", "n02"):
+            (root / split / wnid).mkdir(parents=True)
+            for i in range(4):
+                (root / split / wnid / f"{i}.JPEG").write_text("not an image")
+    run_dir = tmp_path / "run"
+    res = run_train("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=64", "dataset.workers=0",
+                    "model=resnet50", "trainer.batch_size=4", "trainer.max_steps=2", "logger=none", run_dir=run_dir)
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 1 and "Traceback" not in said and "Run failed: UnidentifiedImageError" in said, said
+    assert "holds no checkpoint" in said and not (run_dir / "checkpoint.pt").exists()
+    summary = _strict_json(run_dir / "summary.json")
+    assert summary["status"] == "failed" and "UnidentifiedImageError" in summary["error"]
