@@ -10,12 +10,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from actmem.errors import ConfigError
+from actmem.loggers import LOGGERS
+from actmem.optim import OPTIMIZERS, SCHEDULES
 
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "multistep", "onecycle", "constant")
-LOGGERS = ("none", "jsonl", "wandb")
 
 
 @dataclass
@@ -106,8 +105,9 @@ def validate(cfg) -> None:
     _check(t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps}: it must be >= 0.")
     _check(t.device in DEVICES, f"trainer.device={t.device!r}: use one of {', '.join(DEVICES)}.")
     _check(t.amp in AMP_MODES, f"trainer.amp={t.amp!r}: use one of {', '.join(AMP_MODES)}.")
-    _check(o.name in OPTIMIZERS, f"optim.name={o.name!r}: use one of {', '.join(OPTIMIZERS)} (optim=sgd|adamw).")
-    _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES)}.")
+    _check(o.name in OPTIMIZERS, f"optim.name={o.name!r}: use one of {', '.join(OPTIMIZERS.names())} "
+                                 "(optim=NAME).")
+    _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES.names())}.")
     _check(0 < o.lr < math.inf, f"optim.lr={o.lr}: the learning rate must be a positive finite number, e.g. 0.1.")
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: it must be >= 0.")
     _check(o.momentum >= 0, f"optim.momentum={o.momentum}: it must be >= 0 (SGD's default here is 0.9).")
@@ -120,4 +120,4 @@ def validate(cfg) -> None:
     _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing}: use a value in [0, 1).")
     _check(o.schedule != "multistep" or len(o.milestones) > 0,
            "optim.schedule=multistep needs optim.milestones, e.g. optim.milestones=[100,150].")
-    _check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}: use one of {', '.join(LOGGERS)}.")
+    _check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}: use one of {', '.join(LOGGERS.names())}.")

@@ -9,7 +9,6 @@ in one paragraph, an output directory that cannot be created, before Hydra tries
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -24,6 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from actmem.errors import ConfigError
+from actmem.loggers import LOGGERS
 from actmem.provenance import git_commit, versions
 
 SUMMARY, METRICS = "summary.json", "metrics.jsonl"
@@ -62,8 +62,8 @@ def paragraph(text: str) -> str:
 
 class RunDirectory:
     """One run's directory. Construct it first: it reads what the directory already holds and raises
-    ConfigError if that is another run. `logger=none` logs epoch records only, `jsonl` also a train record
-    every `logger.log_every` steps, `wandb` mirrors the records to wandb (offline unless logger.mode=online)."""
+    ConfigError if that is another run. What it logs besides epoch records is the logger's choice
+    (actmem.loggers)."""
 
     def __init__(self, path: Path, cfg: DictConfig):
         self.path = Path(path)
@@ -71,8 +71,7 @@ class RunDirectory:
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.previous = self._previous_summary()
         self.summary: dict = {}
-        self.log_every = cfg.logger.log_every if cfg.logger.name != "none" else 0
-        self.wandb = None
+        self.logger = None
 
     @property
     def finished(self) -> bool:
@@ -104,33 +103,27 @@ class RunDirectory:
         except OSError as e:
             raise ConfigError(f"cannot write {e.filename} ({e.strerror}). Give the run a directory it can write, "
                               "e.g. hydra.run.dir=outputs/NAME.") from None
-        if cfg.logger.name == "wandb":
-            import wandb
-            os.environ.setdefault("WANDB_SILENT", "true")
-            run_id = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]  # a resume continues it
-            self.wandb = wandb.init(project=cfg.logger.project, mode=cfg.logger.mode, dir=str(self.path),
-                                    config=self.config, name=self.path.name, resume="allow", id=run_id)
+        self.logger = LOGGERS.get(cfg.logger.name).fn(self.path, cfg.logger, self.config)
 
     def update(self, **fields) -> None:
         self.summary.update(fields)
         write_json_atomic(self.path / SUMMARY, self.summary)
 
     def finish(self, status: str, **fields) -> None:
-        """The final summary (completed, failed or interrupted); closes the wandb mirror."""
+        """The final summary (completed, failed or interrupted); closes the logger."""
         self.update(status=status, **fields)
-        if self.wandb is not None:
-            self.wandb.finish()
-            self.wandb = None
+        if self.logger is not None:
+            self.logger.finish()
+            self.logger = None
 
     def wants_step(self, step: int) -> bool:
-        return self.log_every > 0 and step % self.log_every == 0
+        return self.logger is not None and self.logger.log_every > 0 and step % self.logger.log_every == 0
 
     def log(self, record: dict) -> None:
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(strict(record), allow_nan=False) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"},
-                           step=record["step"])
+        if self.logger is not None:
+            self.logger.mirror(record)
 
     # ---------------------------------------------------------------- checkpoint.pt
 
@@ -177,7 +170,8 @@ class RunDirectory:
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:  # a damaged file, or a path that is not a file
             raise ConfigError(f"{path} is unreadable ({e}), so it is unknown which run {self.path} holds. Start "
-                              f"this run in a fresh directory, or delete {self.path} to discard what it holds.") from None
+                              f"this run in a fresh directory, or delete {self.path} to discard what it holds."
+                              ) from None
         if old.get("config") is None:  # written before summaries kept their config
             return old
         before, now = _flat(old["config"]), _flat(self.config)

@@ -9,6 +9,8 @@ import actmem.train  # noqa: F401  (registers the schemas)
 from actmem import data, models, strategies
 from actmem.config import validate
 from actmem.errors import ConfigError
+from actmem.loggers import LOGGERS
+from actmem.optim import OPTIMIZERS
 
 CONFIGS = Path(actmem.train.CONFIG_DIR)
 
@@ -19,6 +21,7 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group, registry", [
     ("dataset", data.DATASETS), ("model", models.MODELS), ("strategy", strategies.STRATEGIES),
+    ("optim", OPTIMIZERS), ("logger", LOGGERS),
 ])
 def test_group_options_match_registry(group, registry):
     assert options(group) == registry.names()
@@ -34,7 +37,7 @@ def test_every_option_composes_and_validates(group):
     for name in options(group):
         cfg = compose_with(f"{group}={name}")
         validate(cfg)
-        if group in ("dataset", "model", "strategy", "logger"):
+        if group in ("dataset", "model", "strategy", "optim", "logger"):
             assert cfg[group].name == name
 
 

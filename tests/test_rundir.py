@@ -37,18 +37,19 @@ def test_a_restart_may_change_the_length_only_and_a_finished_run_is_left_alone(t
         RunDirectory(tmp_path, config(batch_size=64))
 
 
-def test_records_are_strict_json_and_each_line_is_one_record(tmp_path):
+def test_records_are_strict_json_and_the_logger_decides_the_step_records(tmp_path):
     directory = started(tmp_path, config())
+    assert directory.wants_step(3)  # logger=jsonl, log_every=1
+    (tmp_path / "quiet").mkdir()
+    quiet = config()
+    quiet.logger.name = "none"  # epoch records only
+    assert not started(tmp_path / "quiet", quiet).wants_step(3)
     directory.log({"epoch": 0, "step": 1, "split": "train", "loss": math.nan})
     directory.finish("failed", train_loss=math.inf)
     refuse = lambda c: pytest.fail(f"not strict JSON: {c}")  # noqa: E731
     assert json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)["train_loss"] is None
     (line,) = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert json.loads(line, parse_constant=refuse)["loss"] is None
-    assert directory.wants_step(3)
-    quiet = config()
-    quiet.logger.name = "none"  # epoch records only
-    assert not RunDirectory(tmp_path / "quiet", quiet).wants_step(3)
 
 
 def test_resume_falls_back_to_the_checkpoint_before_an_unreadable_one(tmp_path):

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from actmem.data import cifar, imagenet, synthetic  # noqa: F401  (register the families)
 from actmem.data.loader import DATASETS, DataBundle, DeviceLoader, TensorLoader
 from actmem.errors import ConfigError
+from actmem.registry import discover
+
+discover(__name__, __path__)
 
 __all__ = ["DATASETS", "DataBundle", "DeviceLoader", "TensorLoader", "build"]
 
@@ -30,12 +32,7 @@ def _fields(cfg) -> dict:
 def build(cfg, *, batch_size: int, device: torch.device | str, seed: int) -> DataBundle:
     """The dataset `cfg.name` with the rest of cfg as its schema's fields (defaults for those left out)."""
     fields = _fields(cfg)
-    entry = DATASETS.get(fields.get("name"))
-    known = {f.name for f in dataclasses.fields(entry.schema)}
-    unknown = sorted(set(fields) - known)
-    if unknown:
-        raise ConfigError(f"dataset={entry.name} has no setting {', '.join(unknown)}; "
-                          f"its settings are {', '.join(sorted(known))}.")
+    entry = DATASETS.check_settings(fields.get("name"), fields, "dataset")
     if batch_size < 1:
         raise ConfigError(f"trainer.batch_size={batch_size}: it must be a positive integer, e.g. 128.")
     return entry.fn(entry.schema(**fields), batch_size=batch_size, device=torch.device(device), seed=seed)

@@ -65,7 +65,7 @@ class DenseNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(out)))
 
 
-@MODELS.register("densenet121", input="cifar", activation="relu", family="densenet")
+@MODELS.register("densenet121", input="cifar", activation="relu", family="densenet", blocks=(DenseLayer,))
 def densenet121(num_classes: int) -> DenseNet:
     """6.96M parameters at 10 classes: dense blocks of 6, 12, 24, 16 layers."""
     return DenseNet([6, 12, 24, 16], 32, num_classes)

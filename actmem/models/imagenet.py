@@ -14,7 +14,7 @@ from torchvision import models as tvm
 from actmem.models.base import MODELS
 
 _RESNET = dict(input="imagenet", activation="relu", family="resnet", source="torchvision",
-               reuses_activation=True, inplace_activation=True)
+               reuses_activation=True, inplace_activation=True, blocks=(tvm.resnet.BasicBlock, tvm.resnet.Bottleneck))
 
 
 @MODELS.register("resnet50", **_RESNET)
@@ -31,14 +31,15 @@ def wide_resnet50_2(num_classes: int, zero_init_residual: bool = False) -> nn.Mo
 
 @MODELS.register("densenet161", input="imagenet", activation="relu", family="densenet",
                  source="torchvision", reuses_activation=False, inplace_activation=True,
-                 functional_activation=True)
+                 functional_activation=True, blocks=(tvm.densenet._DenseLayer,))
 def densenet161(num_classes: int, drop_rate: float = 0.0) -> nn.Module:
     """28.68M parameters at 1000 classes."""
     return tvm.densenet161(weights=None, num_classes=num_classes, drop_rate=drop_rate)
 
 
 @MODELS.register("efficientnet_b0", input="imagenet", activation="silu", family="efficientnet",
-                 source="torchvision", reuses_activation=False, inplace_activation=True)
+                 source="torchvision", reuses_activation=False, inplace_activation=True,
+                 blocks=(tvm.efficientnet.MBConv, tvm.efficientnet.FusedMBConv))
 def efficientnet_b0(num_classes: int, dropout: float = 0.2,
                     stochastic_depth_prob: float = 0.2) -> nn.Module:
     """5.29M parameters at 1000 classes."""
@@ -47,7 +48,8 @@ def efficientnet_b0(num_classes: int, dropout: float = 0.2,
 
 
 @MODELS.register("convnext_tiny", input="imagenet", activation="gelu", family="convnext",
-                 source="torchvision", reuses_activation=False, inplace_activation=False)
+                 source="torchvision", reuses_activation=False, inplace_activation=False,
+                 blocks=(tvm.convnext.CNBlock,))
 def convnext_tiny(num_classes: int, stochastic_depth_prob: float = 0.1) -> nn.Module:
     """28.59M parameters at 1000 classes."""
     return tvm.convnext_tiny(weights=None, num_classes=num_classes,

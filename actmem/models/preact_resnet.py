@@ -107,13 +107,15 @@ class PreActResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(out)))
 
 
-@MODELS.register("preact_resnet56", input="cifar", activation="relu", family="preact_resnet")
+@MODELS.register("preact_resnet56", input="cifar", activation="relu", family="preact_resnet",
+                 blocks=(PreActBlock,))
 def preact_resnet56(num_classes: int, zero_init_residual: bool = False) -> PreActResNet:
     """0.86M parameters: 3 stages x 9 basic blocks (6n+2 = 56), 16-32-64."""
     return PreActResNet(PreActBlock, 9, [16, 32, 64], num_classes, zero_init_residual)
 
 
-@MODELS.register("preact_resnet164", input="cifar", activation="relu", family="preact_resnet")
+@MODELS.register("preact_resnet164", input="cifar", activation="relu", family="preact_resnet",
+                 blocks=(PreActBottleneck,))
 def preact_resnet164(num_classes: int, zero_init_residual: bool = False) -> PreActResNet:
     """1.7M parameters: 3 stages x 18 bottlenecks (9n+2 = 164), widths 16-32-64 inside, 64-128-256 out."""
     return PreActResNet(PreActBottleneck, 18, [16, 32, 64], num_classes, zero_init_residual)

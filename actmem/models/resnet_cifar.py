@@ -83,13 +83,13 @@ class ResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(out)))
 
 
-@MODELS.register("resnet18", input="cifar", activation="relu", family="resnet")
+@MODELS.register("resnet18", input="cifar", activation="relu", family="resnet", blocks=(BasicBlock,))
 def resnet18(num_classes: int, zero_init_residual: bool = False) -> ResNet:
     """11.17M parameters at 10 classes; 1x1-conv + BN (option B) shortcuts."""
     return ResNet([2, 2, 2, 2], [64, 128, 256, 512], num_classes, "projection", zero_init_residual)
 
 
-@MODELS.register("resnet20", input="cifar", activation="relu", family="resnet")
+@MODELS.register("resnet20", input="cifar", activation="relu", family="resnet", blocks=(BasicBlock,))
 def resnet20(num_classes: int, shortcut: str = "pad", zero_init_residual: bool = False) -> ResNet:
     """0.27M parameters. shortcut="pad" is the paper's option A; "projection" is option B."""
     if shortcut not in SHORTCUTS:

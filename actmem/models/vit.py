@@ -90,7 +90,7 @@ class ViT(nn.Module):
         return self.head(x[:, 0])
 
 
-@MODELS.register("vit_tiny", input="cifar", activation="gelu", family="vit")
+@MODELS.register("vit_tiny", input="cifar", activation="gelu", family="vit", blocks=(TransformerBlock,))
 def vit_tiny(num_classes: int, depth: int = 12, dim: int = 192, heads: int = 3,
              mlp_ratio: float = 4.0) -> ViT:
     """5.36M parameters at the defaults (ViT-Ti widths, patch 4 for 32x32, class-token head)."""

@@ -7,7 +7,8 @@ from actmem.models.base import MODELS
 from actmem.models.preact_resnet import PreActBlock, PreActResNet
 
 
-@MODELS.register("wrn28_10", input="cifar", activation="relu", family="wide_resnet")
+@MODELS.register("wrn28_10", input="cifar", activation="relu", family="wide_resnet",
+                 blocks=(PreActBlock,))
 def wrn28_10(num_classes: int, dropout: float = 0.0, zero_init_residual: bool = False) -> PreActResNet:
     """36.5M parameters: depth 28 = 6n+4 with n=4 blocks per stage, widths 160-320-640."""
     if not 0 <= dropout < 1:

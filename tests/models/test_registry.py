@@ -106,9 +106,9 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_unknown_option_names_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"no option widht.*options are: depth, dim, heads, mlp_ratio"):
+    with pytest.raises(ConfigError, match=r"no setting widht.*settings are: depth, dim, heads, mlp_ratio"):
         models.build("vit_tiny", num_classes=10, widht=3)
-    with pytest.raises(ConfigError, match="options are: none"):
+    with pytest.raises(ConfigError, match="settings are: none"):
         models.build("densenet121", num_classes=10, growth=12)
     with pytest.raises(ConfigError, match="num_classes"):
         models.build("resnet20", num_classes=0)
