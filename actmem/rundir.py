@@ -1,4 +1,4 @@
-"""The run directory (SPEC.md: run directory) and its one owner.
+"""The run directory (docs/contracts.md: run directory) and its one owner.
 
 `RunDirectory` alone writes summary.json, metrics.jsonl and checkpoint.pt, and decides what a restart in
 a used directory may do: resume the same run (only RESUMABLE settings may differ), leave a completed run

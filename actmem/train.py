@@ -1,4 +1,4 @@
-"""Entry point: `python -m actmem.train [hydra overrides]` (SPEC.md: CLI and run directory)."""
+"""Entry point: `python -m actmem.train [hydra overrides]` (docs/contracts.md: command line and run directory)."""
 from __future__ import annotations
 
 import os
