@@ -1,5 +1,6 @@
-"""Few-bit backward: the shipped tables are the DP optimum (checked against a brute-force search), the
-forward is unchanged bit for bit, backward is exactly levels[code] * grad_out, and few bytes are kept."""
+"""Few-bit backward: the shipped tables are the DP optimum (checked against a brute-force search), each set
+for its own objective (strategy.objective), the forward is unchanged bit for bit, backward is exactly
+levels[code] * grad_out, and few bytes are kept."""
 from __future__ import annotations
 
 import copy
@@ -19,10 +20,15 @@ from actmem.measure import saved_bytes_by_module
 from actmem.strategies.fewbit import (
     BITS,
     CONTINUOUS,
+    OBJECTIVES,
     SYMMETRY,
+    TABLES,
     FewBit,
     derivative_table,
+    grid,
+    mean_square_error,
     mirror,
+    objective_grid,
     optimal_tables,
 )
 
@@ -42,14 +48,14 @@ def l2_error(fn, borders, levels, n=2_000_000):
     return float(((numeric_derivative(fn, x) - q) ** 2).sum() * h)
 
 
-def brute_force(fn, bits, cells, weight=torch.ones_like):
-    """min over every choice of 2**bits - 1 borders among the inner points of a `cells`-cell grid on
-    [LO, HI] of ∫ (f' - best constants)² w, by enumeration; returns (error, borders)."""
-    per_cell = 2000
-    h = (HI - LO) / (cells * per_cell)
-    x = LO + h * (torch.arange(cells * per_cell, dtype=torch.float64) + 0.5)
-    d, w = numeric_derivative(fn, x).view(cells, per_cell), weight(x).view(cells, per_cell)
-    moments = torch.stack([w.sum(1) * h, (w * d).sum(1) * h, (w * d * d).sum(1) * h])
+def brute_force(fn, bits, edges, weight=torch.ones_like):
+    """min over every choice of 2**bits - 1 borders among the inner grid points `edges` of
+    ∫ (f' - best constants)² w, by enumeration (midpoint rule, 2000 points a cell); returns (error, borders)."""
+    cells, per_cell = len(edges) - 1, 2000
+    h = (edges.diff() / per_cell)[:, None]
+    x = edges[:-1, None] + h * (torch.arange(per_cell, dtype=torch.float64) + 0.5)
+    d, w = numeric_derivative(fn, x), weight(x)
+    moments = torch.stack([(w * h).sum(1), (w * d * h).sum(1), (w * d * d * h).sum(1)])
     prefix = torch.nn.functional.pad(moments.cumsum(1), (1, 0))
     combos = torch.tensor(list(itertools.combinations(range(1, cells), 2**bits - 1)))
     ends = torch.cat([torch.zeros(len(combos), 1, dtype=torch.long), combos,
@@ -57,17 +63,17 @@ def brute_force(fn, bits, cells, weight=torch.ones_like):
     w, a, b = (p[ends[:, 1:]] - p[ends[:, :-1]] for p in prefix)
     errors = (b - a * a / w).sum(1)
     best = int(errors.argmin())
-    return float(errors[best]), (LO + (HI - LO) * combos[best] / cells).tolist()
+    return float(errors[best]), edges[combos[best]].tolist()
 
 
 @pytest.mark.parametrize("name", sorted(CONTINUOUS))
 def test_tables_are_the_dp_optimum(name):
     fn = CONTINUOUS[name]
-    cells = 20  # step 1: the kinks at 0 and +-3 are grid points; the shipped 4200-cell grid holds this one
+    edges = grid(LO, HI, 20)  # step 1: the kinks at 0 and +-3 are grid points; the shipped 4200-cell grid has them
     for bits in BITS:
-        brute_err, brute_borders = brute_force(fn, bits, cells)
+        brute_err, brute_borders = brute_force(fn, bits, edges)
         # The DP on the coarse grid finds the brute-force optimum (same borders, or an equal-error twin).
-        dp = optimal_tables(fn, bits, LO, HI, cells)[bits]
+        dp = optimal_tables(fn, edges, bits)[bits]
         assert dp["error"] == pytest.approx(brute_err, rel=1e-6, abs=1e-12), (bits, dp, brute_borders)
         # The shipped table (fine grid, a superset of the coarse one) is at least as good.
         borders, levels = derivative_table(name, bits)
@@ -81,8 +87,8 @@ def test_weighted_generator_matches_brute_force():
     """The weight is a parameter of the generator: a Gaussian weight moves the borders inwards."""
     normal = lambda x: torch.exp(-x * x / 8)  # noqa: E731  (N(0, 2²), unnormalised)
     for bits in (1, 2, 3):
-        brute_err, brute_borders = brute_force(CONTINUOUS["silu"], bits, 20, normal)
-        dp = optimal_tables(CONTINUOUS["silu"], bits, LO, HI, 20, weight=normal)[bits]
+        brute_err, brute_borders = brute_force(CONTINUOUS["silu"], bits, grid(LO, HI, 20), normal)
+        dp = optimal_tables(CONTINUOUS["silu"], grid(LO, HI, 20), bits, weight=normal)[bits]
         assert dp["error"] == pytest.approx(brute_err, rel=1e-6)
         assert dp["borders"] == pytest.approx(brute_borders)
     assert max(map(abs, dp["borders"])) < max(derivative_table("silu", 3)[0].abs().tolist())
@@ -115,19 +121,95 @@ def test_symmetric_functions_get_symmetric_tables():
                 assert e0 == pytest.approx(e1, rel=1e-6) and sum(table["borders"]) <= 0, (name, bits)
 
 
-def test_regenerating_the_tables_reproduces_the_shipped_ones(tmp_path):
+@pytest.mark.parametrize("name", ["silu", "softsign"])
+def test_graded_grid_dp_matches_brute_force(name):
+    """The uniform100 grid has cells of unequal width: the DP is exact on such a grid too. A coarse one
+    over [-100, 100] (step 2 on [-10, 10], tail cells doubling; softsign's 3-bit optimum has a border at -12)."""
+    edges = objective_grid(100.0, cells=10, growth=2.0)
+    assert len(edges) == 23 and torch.equal(edges, -edges.flip(0)) and (edges.diff() > 0).all()
+    for bits in (1, 2, 3):
+        brute_err, brute_borders = brute_force(CONTINUOUS[name], bits, edges)
+        dp = optimal_tables(CONTINUOUS[name], edges, bits)[bits]
+        assert dp["error"] == pytest.approx(brute_err, rel=1e-6), (bits, dp, brute_borders)
+
+
+def test_objective_grids():
+    assert torch.equal(objective_grid(10.0), grid(-10.0, 10.0, 4200))  # the default tables' grid, as shipped
+    wide = objective_grid(100.0)
+    assert wide[0] == -100 and wide[-1] == 100 and torch.equal(wide, -wide.flip(0)) and (wide.diff() > 0).all()
+    inner = wide[(wide >= -10) & (wide <= 10)]
+    assert torch.equal(inner, grid(-10.0, 10.0, 4200)) and len(wide) - len(inner) == 2 * 528
+    assert wide.diff().max() < 0.91  # cells grow by 1% from 1/210: at most 1/210 + 1% of 90
+
+
+@pytest.mark.parametrize("objective, name", [("uniform10", "tanh"), ("uniform100", "silu")])
+def test_regenerating_the_tables_reproduces_the_shipped_ones(tmp_path, objective, name):
     out = tmp_path / "tables.json"
-    res = subprocess.run([sys.executable, "scripts/fewbit_tables.py", "--only", "tanh", "--out", str(out)],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "scripts/fewbit_tables.py", "--objective", objective, "--only", name,
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     fresh = json.loads(out.read_text())
-    shipped = json.loads((REPO / "actmem/strategies/fewbit_tables.json").read_text())
+    shipped = json.loads(TABLES[objective].read_text())
     assert fresh["settings"] == shipped["settings"]
     for name in fresh["tables"]:  # tanh: an even derivative, so the mirror-image choice is checked too
         for bits, table in fresh["tables"][name].items():
             ship = shipped["tables"][name][bits]
             assert table["borders"] == ship["borders"], (name, bits)
             assert table["levels"] == pytest.approx(ship["levels"], abs=1e-12)
+
+
+def test_report_evaluates_ours_and_the_official_tables(tmp_path):
+    out = tmp_path / "report.md"
+    res = subprocess.run([sys.executable, "scripts/fewbit_tables.py", "--report", str(out), "--only", "gelu",
+                          "hardswish"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    text = out.read_text()
+    assert "- command: `python scripts/fewbit_tables.py --report" in text and "- device: CPU" in text
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[3:-1]
+            for line in text.splitlines() if line.startswith(("| gelu |", "| hardswish |"))}
+    assert len(rows) == 8 and all(len(r) == 9 for r in rows.values())
+    assert [c.strip() == "–" for c in rows["gelu", "2"]] == [False, False, True] * 3  # no official 2-bit GELU
+    assert "–" not in "".join(rows["gelu", "3"]) and "–" not in "".join(rows["hardswish", "2"])
+
+
+def test_each_table_set_is_best_for_its_own_objective():
+    """Under w uniform on [-R, R] the set made for R has no larger error than the other set, for every
+    activation and width; the evaluator agrees with the DP's own minimum for the set's own objective."""
+    shipped = {o: json.loads(TABLES[o].read_text())["tables"] for o in OBJECTIVES}
+    for own, other in itertools.permutations(OBJECTIVES):
+        edges = objective_grid(OBJECTIVES[own])
+        for name in sorted(CONTINUOUS):
+            for bits in BITS:
+                fn = CONTINUOUS[name]
+                mine, theirs = (mean_square_error(fn, *derivative_table(name, bits, o), edges) for o in (own, other))
+                assert mine <= theirs * (1 + 1e-9), (own, name, bits, mine, theirs)
+                dp_error = shipped[own][name][str(bits)]["error"] / (2 * OBJECTIVES[own])
+                assert mine == pytest.approx(dp_error, rel=1e-7), (own, name, bits)  # DP: prefix-sum rounding
+
+
+def test_objective_option_selects_its_tables():
+    torch.manual_seed(0)
+    exact = nn.Sequential(nn.Linear(8, 64), nn.GELU(), nn.Linear(64, 64), nn.SiLU(), nn.Linear(64, 1))
+    default = strategies.apply(copy.deepcopy(exact), "fewbit", bits=2)
+    wide = strategies.apply(copy.deepcopy(exact), {"name": "fewbit", "bits": 2, "objective": "uniform100"})
+    assert strategies.resolve("fewbit").objective == "uniform10"
+    x = torch.randn(256, 8) * 4
+    for model, objective in ((default, "uniform10"), (wide, "uniform100")):
+        for i, name in ((1, "gelu"), (3, "silu")):
+            borders, levels = derivative_table(name, 2, objective)
+            assert torch.equal(model[i].borders, borders) and torch.equal(model[i].levels, levels)
+            # the default is today's table, the file as shipped
+            ship = json.loads(TABLES[objective].read_text())["tables"][name]["2"]
+            assert borders.tolist() == ship["borders"] and levels.tolist() == ship["levels"]
+        assert torch.equal(model(x), exact(x))  # forward bit for bit
+        # backward at each activation: levels[code] * grad_out of the selected table
+        h = model[0](x).detach().requires_grad_()
+        g = torch.randn_like(h)
+        model[1](h).backward(g)
+        borders, levels = derivative_table("gelu", 2, objective)
+        assert torch.equal(h.grad, levels.float()[torch.bucketize(h.detach().double(), borders)] * g)
+    assert not torch.equal(default[1].borders, wide[1].borders)
+    assert not torch.equal(default[3].levels, wide[3].levels)
 
 
 def test_exact_tables_of_stepwise_activations():
@@ -224,3 +306,9 @@ def test_refusals():
         derivative_table("swish", 2)
     with pytest.raises(ConfigError, match="2 bits"):
         derivative_table("relu6", 1)
+    # an unknown objective: one paragraph naming the key and the valid values, before any module is touched
+    with pytest.raises(ConfigError, match=r"strategy\.objective='uniform1000'.*uniform10 .*uniform100 ") as e:
+        strategies.apply(nn.Sequential(nn.ReLU()), "fewbit", objective="uniform1000")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="strategy.objective"):
+        derivative_table("relu", 1, "normal")
