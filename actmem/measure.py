@@ -13,6 +13,7 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,12 +25,13 @@ def _batch_input(batch):
 
 @contextmanager
 def _module_scope(model: nn.Module):
-    """Track which module is running, so each saved tensor can be charged to a layer."""
-    stack = ["(outside)"]
+    """Track which module is running, so each saved tensor can be charged to a layer: a stack of (name,
+    elements of the call's largest tensor input)."""
+    stack = [("(outside)", 0)]
     names = {m: n or "(model)" for n, m in model.named_modules()}
 
     def pre(module, args):
-        stack.append(names[module])
+        stack.append((names[module], max((a.numel() for a in args if torch.is_tensor(a)), default=0)))
 
     def post(module, args, out):
         stack.pop()  # returns nothing: a forward hook's return value would replace the output
@@ -42,13 +44,25 @@ def _module_scope(model: nn.Module):
             h.remove()
 
 
-def saved_bytes_by_module(model: nn.Module, batch, *, autocast_dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Bytes held for backward by one forward pass, per module (the innermost module running when the
-    tensor was saved). The model runs in its current mode; its state (e.g. BatchNorm statistics) and
-    the RNG are left as they were."""
+@dataclass(frozen=True)
+class Saved:
+    """One storage autograd keeps for backward."""
+    module: str  # the innermost module running when it was saved
+    nbytes: int  # of the whole storage
+    dtype: torch.dtype
+    input_numel: int  # elements of that module call's largest tensor input, to tell data from metadata
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // self.dtype.itemsize
+
+
+def saved_tensors(model: nn.Module, batch, *, autocast_dtype: torch.dtype | None = None) -> list[Saved]:
+    """What one forward pass keeps for backward, each storage once. The model runs in its current mode;
+    its state (e.g. BatchNorm statistics) and the RNG are left as they were."""
     x = _batch_input(batch)
     excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, tuple[str, int]] = {}
+    seen: dict[int, Saved] = {}
     state = copy.deepcopy(model.state_dict())
     with _module_scope(model) as stack, torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
 
@@ -56,7 +70,7 @@ def saved_bytes_by_module(model: nn.Module, batch, *, autocast_dtype: torch.dtyp
             storage = t.untyped_storage()
             ptr = storage.data_ptr()
             if ptr and ptr not in excluded and ptr not in seen:
-                seen[ptr] = (stack[-1], storage.nbytes())
+                seen[ptr] = Saved(stack[-1][0], storage.nbytes(), t.dtype, stack[-1][1])
             return t.detach()  # holding t itself would tie the graph into a cycle that outlives the call
 
         autocast = torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -64,14 +78,19 @@ def saved_bytes_by_module(model: nn.Module, batch, *, autocast_dtype: torch.dtyp
             out = model(x)
         del out
     model.load_state_dict(state)
+    return list(seen.values())
+
+
+def saved_bytes_by_module(model: nn.Module, batch, **kw) -> dict[str, int]:
+    """Bytes held for backward by one forward pass (`saved_tensors`), per module."""
     per_module: dict[str, int] = defaultdict(int)
-    for name, nbytes in seen.values():
-        per_module[name] += nbytes
+    for s in saved_tensors(model, batch, **kw):
+        per_module[s.module] += s.nbytes
     return dict(per_module)
 
 
 def activation_bytes(model: nn.Module, batch, **kw) -> int:
-    """Bytes held for backward by one forward pass of `model` on `batch` (SPEC.md)."""
+    """Bytes held for backward by one forward pass of `model` on `batch` (docs/contracts.md)."""
     return sum(saved_bytes_by_module(model, batch, **kw).values())
 
 

@@ -1,4 +1,4 @@
-"""Activation memory of each strategy in the anchors' settings: activation_ratio (SPEC.md) and where the
+"""Activation memory of each strategy in the anchors' settings: activation_ratio (docs/contracts.md) and where the
 bytes that stay uncompressed are.
 
     python scripts/activation_memory.py --out results/activation-memory.md          # every setting
@@ -6,7 +6,7 @@ bytes that stay uncompressed are.
 
 A strategy is `name` or `name:key=value,key=value` (values read as YAML: `division:compress_linear=false`).
 One that is not registered, or that refuses the model, gets a row saying so. Bytes are counted by
-`actmem.measure.saved_bytes_by_module` (what autograd keeps after one training-mode forward of a fresh
+`actmem.measure.saved_tensors` (what autograd keeps after one training-mode forward of a fresh
 model, seed 0, on a seeded N(0, 1) batch); they do not depend on the device, so this runs on the CPU,
 each model in a fresh process (resnet50 at 224x224, batch 64 keeps about 5 GiB exact).
 
@@ -28,8 +28,6 @@ import ctypes
 import datetime as dt
 import gc
 import json
-import platform
-import shlex
 import subprocess
 import sys
 from collections import defaultdict
@@ -39,12 +37,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import yaml
 
 from actmem import models, strategies
 from actmem.errors import ConfigError
-from actmem.measure import _module_scope, current_rss_bytes, peak_rss_bytes, saved_bytes_by_module
-from actmem.provenance import git_commit
+from actmem.measure import Saved, current_rss_bytes, peak_rss_bytes, saved_tensors
+from actmem.provenance import command_line, device_name, header
+from actmem.strategies.spec import expand, parse_spec
 
 GiB, MiB = 2**30, 2**20
 LEVELS = [f"actnn:level=L{i}" for i in range(4)]
@@ -57,7 +55,7 @@ class Setting:
     num_classes: int
     shape: tuple[int, ...]
     strategies: list[str]
-    paper_gib: dict[str, float] = field(default_factory=dict)  # ANCHORS.md, by strategy spec
+    paper_gib: dict[str, float] = field(default_factory=dict)  # docs/published-figures.md, by strategy spec
 
 
 SETTINGS = {
@@ -77,21 +75,6 @@ TARGETS = [  # (setting, strategy, minimum ratio): the issue's acceptance target
     ("resnet50_224", "actnn:level=L3", 11.0), ("resnet50_224", "division", 10.0),
     ("preact164_cifar", "blpa:bits=4", 6.0),
 ]
-
-
-def parse_spec(spec: str) -> tuple[str, dict]:
-    name, _, rest = spec.partition(":")
-    kw = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        kw[key] = yaml.safe_load(value)
-    return name, kw
-
-
-def expand(specs: list[str]) -> list[str]:
-    named = {parse_spec(s)[0] for s in specs}
-    rest = [n for n in strategies.STRATEGIES.names() if n not in named]
-    return [t for s in specs for t in (rest if s == "*" else [s])]
 
 
 def group(name: str, modules: dict[str, nn.Module]) -> str:
@@ -114,37 +97,9 @@ def layer_type(module: nn.Module | None) -> str:
     return base.__name__
 
 
-def kept_whole_by_module(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Bytes per module of the saved tensors kept whole (module doc), each storage counted once."""
-    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, tuple[str, int]] = {}
-    input_numel = {"(outside)": 0}  # of each module's current call: its largest tensor input
-    names = {m: n or "(model)" for n, m in model.named_modules()}
-    hooks = [m.register_forward_pre_hook(lambda m, args: input_numel.__setitem__(
-        names[m], max((a.numel() for a in args if torch.is_tensor(a)), default=0))) for m in names]
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr and ptr not in excluded and ptr not in seen:
-            numel = storage.nbytes() // t.element_size()
-            whole = (t.is_floating_point() and 4 * numel > input_numel[stack[-1]]) or \
-                t.dtype in (torch.int64, torch.int32)
-            seen[ptr] = (stack[-1], storage.nbytes() if whole else 0)
-        return t.detach()  # not t itself: a saved output would hold its own graph in a cycle, never freed
-
-    try:
-        with _module_scope(model) as stack, torch.enable_grad(), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = model(x)
-        del out
-    finally:
-        for h in hooks:
-            h.remove()
-    per_module: dict[str, int] = defaultdict(int)
-    for module, nbytes in seen.values():
-        per_module[module] += nbytes
-    return dict(per_module)
+def kept_whole(s: Saved) -> bool:
+    """Left uncompressed (module doc): not metadata, codes or masks."""
+    return (s.dtype.is_floating_point and 4 * s.numel > s.input_numel) or s.dtype in (torch.int64, torch.int32)
 
 
 @dataclass
@@ -179,20 +134,18 @@ def measure(setting: Setting, spec: str) -> Row:
     model, note = build(setting, spec)
     if model is None:
         return Row(spec, note)
-    x = batch(setting)
-    saved = saved_bytes_by_module(model, x)
-    whole = kept_whole_by_module(model, x)
+    saved = saved_tensors(model, batch(setting))
     modules = dict(model.named_modules())
     by_type: dict[str, int] = defaultdict(int)
     whole_by_type: dict[str, int] = defaultdict(int)
     by_group: dict[str, int] = defaultdict(int)
-    for name, nbytes in saved.items():
-        by_type[layer_type(modules.get(name))] += nbytes
-    for name, nbytes in whole.items():
-        whole_by_type[layer_type(modules.get(name))] += nbytes
-        by_group[group(name, modules)] += nbytes
-    top = sorted(((n, b) for n, b in by_group.items() if b), key=lambda nb: -nb[1])[:3]
-    return Row(spec, total=sum(saved.values()), whole=sum(whole.values()), by_type=dict(by_type),
+    for s in saved:
+        by_type[layer_type(modules.get(s.module))] += s.nbytes
+        if kept_whole(s):
+            whole_by_type[layer_type(modules.get(s.module))] += s.nbytes
+            by_group[group(s.module, modules)] += s.nbytes
+    top = sorted(by_group.items(), key=lambda nb: -nb[1])[:3]
+    return Row(spec, total=sum(s.nbytes for s in saved), whole=sum(whole_by_type.values()), by_type=dict(by_type),
                whole_by_type=dict(whole_by_type), top_whole=top)
 
 
@@ -259,20 +212,6 @@ def return_freed_memory() -> None:
         pass
 
 
-def provenance() -> str:
-    """Command, commit (and uncommitted changes to the package), date, device: taken at the start."""
-    shown = " ".join(["python", *map(shlex.quote, sys.argv)])
-    status = subprocess.run(["git", "status", "--porcelain", "--", "actmem"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent.parent).stdout.splitlines()
-    dirty = f" (with uncommitted changes to {', '.join(line[3:] for line in status)})" if status else ""
-    return (f"- command: `{shown}`\n- commit: {git_commit()}{dirty}\n"
-            f"- date: {dt.datetime.now().isoformat(timespec='seconds')}\n"
-            f"- device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}\n"
-            "- what: bytes autograd keeps after one training-mode forward (`measure.saved_bytes_by_module`), "
-            "fresh model (seed 0), seeded N(0, 1) batch; ratio = exact / strategy (SPEC.md activation_ratio)\n"
-            "- kept whole: the share of those bytes left uncompressed (see the script's docstring)\n")
-
-
 def main() -> int:
     return_freed_memory()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -288,7 +227,10 @@ def main() -> int:
         result = step_peak(SETTINGS[key], spec) if task == "peak" else asdict(measure(SETTINGS[key], spec))
         print(json.dumps(result))
         return 0
-    header = "# Activation memory per strategy\n\n" + provenance()
+    head = "# Activation memory per strategy\n\n" + header(command_line(), device_name("cpu"), dt.datetime.now(), {
+        "what": "bytes autograd keeps after one training-mode forward (`measure.saved_tensors`), fresh model "
+                "(seed 0), seeded N(0, 1) batch; ratio = exact / strategy (docs/contracts.md: activation_ratio)",
+        "kept whole": "the share of those bytes left uncompressed (see the script's docstring)"})
 
     sections, results = [], {}
     for key in args.settings:
@@ -318,7 +260,7 @@ def main() -> int:
                           f"{'met' if ratio >= target else 'MISSED'}")
 
     targets = "\n## Targets\n\n" + "\n".join(checks) + "\n" if checks else ""
-    text = header + targets + "\n" + "\n\n".join(sections) + "\n"
+    text = head + targets + "\n" + "\n\n".join(sections) + "\n"
     print("\n" + text)
     if args.out:
         args.out.write_text(text)

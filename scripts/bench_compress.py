@@ -17,19 +17,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
-import shlex
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from actmem import compress
 from actmem.compress.backend import use_triton
+from actmem.provenance import command_line, device_name, header
 
-REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -93,24 +89,6 @@ def on_reference(fn, *args):
             os.environ["ACTMEM_BACKEND"] = saved
 
 
-def device_line(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"GPU ({torch.cuda.get_device_name(device)})"
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
-    model = models[0] if models else platform.processor() or platform.machine()
-    return f"CPU, {os.cpu_count()} cores ({model}), {torch.get_num_threads()} torch threads"
-
-
-def git_line() -> str:
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return commit + (" (tracked files modified)" if dirty else "")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-mb", type=int, default=None,
@@ -129,26 +107,18 @@ def main() -> int:
 
     probe = torch.empty(1, device=device)
     backend = "triton" if use_triton(probe) else "reference"
-    lines = [
-        "# actmem.compress: group quantization throughput",
-        "",
-        f"- command: `{shlex.join(['python', *sys.argv])}`"
-        + (f" (ACTMEM_BACKEND={os.environ['ACTMEM_BACKEND']})" if "ACTMEM_BACKEND" in os.environ else ""),
-        f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- device: {device_line(device)}; load average {', '.join(f'{v:.1f}' for v in os.getloadavg())}",
-        f"- backend: {backend}; torch {torch.__version__}; git {git_line()}",
-        f"- input: {args.dtype} [N, 64, 32, 32], group 256, per sample, stochastic rounding; "
-        f"GB/s = (bytes read + written) / best of {args.repeats} runs",
-        "",
-        "| size MiB | bits | quantize+pack GB/s | unpack+dequantize GB/s | x reference (q, d) "
-        "| % of copy (q, d) |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
+    env = f"ACTMEM_BACKEND={os.environ['ACTMEM_BACKEND']} " if "ACTMEM_BACKEND" in os.environ else ""
+    extra = {"load average": ", ".join(f"{v:.1f}" for v in os.getloadavg()), "backend": backend,
+             "input": f"{args.dtype} [N, 64, 32, 32], group 256, per sample, stochastic rounding; "
+                      f"GB/s = (bytes read + written) / best of {args.repeats} runs"}
     if backend != "reference":
         x = torch.randn(8, 64, 32, 32, device=device).to(dtype)
         same = all(agrees_with_reference(x, bits) for bits in args.bits)
-        lines.insert(-3, f"- {backend} agrees bit for bit with the reference (nearest rounding): {same}")
-    print("\n".join(lines), flush=True)
+        extra[f"{backend} agrees bit for bit with the reference (nearest rounding)"] = same
+    print("# actmem.compress: group quantization throughput\n\n"
+          + header(env + command_line(), device_name(device), dt.datetime.now(), extra) + "\n"
+          "| size MiB | bits | quantize+pack GB/s | unpack+dequantize GB/s | x reference (q, d) | % of copy (q, d) |\n"
+          "|---:|---:|---:|---:|---:|---:|", flush=True)
     headline = None
     for mb in sizes:
         x = torch.randn(mb * 2**20 // (sample_elems * dtype.itemsize), 64, 32, 32, device=device).to(dtype)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import shlex
 import subprocess
 import sys
@@ -17,18 +16,11 @@ from pathlib import Path
 
 import torch
 
+from actmem.provenance import command_line, device_name, header
 from actmem.report import load_runs, render
-from actmem.provenance import git_commit
 from actmem.strategies import STRATEGIES
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def device_line(overrides: list[str]) -> str:
-    wants_cpu = any(o == "trainer.device=cpu" for o in overrides) or not torch.cuda.is_available()
-    if wants_cpu:
-        return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return f"GPU ({torch.cuda.get_device_name()})"
 
 
 def main() -> int:
@@ -41,9 +33,11 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run of the sweep")
     args = ap.parse_args()
     names = [n for n in STRATEGIES.names() if n != "combo"] if args.strategies == "all" else args.strategies.split(",")
-    started, commit = dt.datetime.now(), git_commit()  # provenance of the runs, taken before they start
-    stamp = started.strftime("%Y-%m-%d_%H-%M-%S")
-    sweep_dir = REPO / "outputs" / "sweeps" / stamp
+    started = dt.datetime.now()
+    sweep_dir = REPO / "outputs" / "sweeps" / started.strftime("%Y-%m-%d_%H-%M-%S")
+    cpu = "trainer.device=cpu" in args.overrides or not torch.cuda.is_available()
+    head = header(command_line(), device_name("cpu" if cpu else "cuda"), started, {  # before the runs start
+        "runs": f"under `{sweep_dir.relative_to(REPO)}`, each with its own commit in its summary.json"})
     cmd = [sys.executable, "-m", "actmem.train", "-m", *args.overrides, f"strategy={','.join(names)}",
            f"hydra.sweep.dir={sweep_dir}"]
     print("+", shlex.join(cmd[1:]), flush=True)
@@ -51,16 +45,11 @@ def main() -> int:
         print(f"The sweep failed; its runs are under {sweep_dir}.", file=sys.stderr)
         return 1
     table = render(load_runs([sweep_dir]), "md")
-    shown = " ".join(["python", *map(shlex.quote, sys.argv)])
-    level = "##" if args.append else "#"
-    header = (f"{level} {args.title}\n\n- command: `{shown}`\n"
-              f"- commit: {commit} (each run's own is in its summary.json)\n"
-              f"- date: {started.isoformat(timespec='seconds')} (start)\n- device: {device_line(args.overrides)}\n"
-              f"- torch {torch.__version__}; runs under `{sweep_dir.relative_to(REPO)}`\n")
-    print("\n" + header + "\n" + table)
+    text = f"{'##' if args.append else '#'} {args.title}\n\n{head}\n{table}\n"
+    print("\n" + text)
     if args.out:
         with open(args.out, "a" if args.append else "w") as f:
-            f.write(("\n" if args.append else "") + header + "\n" + table + "\n")
+            f.write(("\n" if args.append else "") + text)
     return 0
 
 

@@ -13,7 +13,15 @@ import torch.nn as nn
 from helpers import REPO
 
 from actmem import models, strategies
-from actmem.measure import Throughput, activation_bytes, peak_rss_bytes, reset_peak_rss, saved_bytes_by_module
+from actmem.measure import (
+    Saved,
+    Throughput,
+    activation_bytes,
+    peak_rss_bytes,
+    reset_peak_rss,
+    saved_bytes_by_module,
+    saved_tensors,
+)
 
 RSS_PROBE = r"""
 import gc, json, sys, torch
@@ -83,6 +91,17 @@ def test_per_module_breakdown_names_layers():
     # The second Linear's input is the ReLU output, already charged to the ReLU that saved it first.
     assert per == {"0": 4 * 8 * 4, "1": 4 * 8 * 4}
     assert sum(per.values()) == activation_bytes(model, x)
+
+
+def test_saved_tensors_say_module_dtype_and_input_size():
+    model = nn.Sequential(nn.Linear(8, 8), nn.MaxPool1d(2, return_indices=True))
+    saved = saved_tensors(model, torch.randn(4, 8))
+    assert set(saved) == {
+        Saved("0", 4 * 8 * 4, torch.float32, 4 * 8),  # Linear's input
+        Saved("1", 4 * 8 * 4, torch.float32, 4 * 8),  # the pool's input
+        Saved("1", 4 * 4 * 8, torch.int64, 4 * 8),  # the pool's indices
+    }
+    assert {s.numel for s in saved} == {32, 16}
 
 
 def test_measurement_leaves_model_state_and_rng_alone():

@@ -11,10 +11,10 @@ import functools
 
 import pytest
 import torch
-import yaml
 
 from actmem import models, strategies
 from actmem.measure import activation_bytes
+from actmem.strategies.spec import parse_spec
 
 GiB = 2**30
 
@@ -40,15 +40,9 @@ MEASURED = {
 CASES = [(model, shape, spec, ratio) for (model, shape), specs in MEASURED.items() for spec, ratio in specs.items()]
 
 
-def _spec(spec: str) -> tuple[str, dict]:
-    """`name:key=value,...` as the script reads it (values in YAML)."""
-    name, _, rest = spec.partition(":")
-    return name, {k: yaml.safe_load(v) for k, v in (item.split("=") for item in filter(None, rest.split(",")))}
-
-
 @functools.cache  # the pins and the target floors measure the same settings
 def _bytes(model_name: str, shape, spec: str = "exact") -> int:
-    name, kw = _spec(spec)
+    name, kw = parse_spec(spec)
     if name not in strategies.STRATEGIES.names():
         pytest.skip(f"strategy {name} is not registered")
     torch.manual_seed(0)
