@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import datetime
 import multiprocessing
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +30,7 @@ from actmem import models, strategies
 from actmem.compress import static
 from actmem.compress.launch import Launch, kernels, recording
 from actmem.errors import StrategyError
-from actmem.provenance import git_commit
+from actmem.provenance import header
 from actmem.strategies import actnn, blpa, fewbit
 
 # (model, input side): CIFAR nets of both ResNet kinds and a ViT, and ResNet-50 at ImageNet's 224,
@@ -171,17 +172,16 @@ def report(results, seen: dict[Launch, str], reference_elements: int = 1 << 24) 
     return "\n".join(lines)
 
 
-def header(argv, started, seconds: float) -> str:
+def report_header(argv, started, seconds: float) -> str:
     """What made the report: command, commit, date, compiler; no GPU ran anything."""
-    import triton
     from triton.backends.nvidia.compiler import get_ptxas_version
 
-    command = " ".join(["python -m actmem.kernel_check", *(sys.argv[1:] if argv is None else argv)])
-    return (f"# Kernels, compiled for GPUs without one\n\n"
-            f"- command: `{command}` ({seconds:.0f} s)\n- commit: {git_commit()}\n"
-            f"- date: {started:%Y-%m-%d %H:%M} UTC\n- device: none. Compiled on the CPU by Triton {triton.__version__} "
-            f"(ptxas {get_ptxas_version().split('release')[-1].split(',')[0].strip()}), torch {torch.__version__}; "
-            f"these are static figures of the compiler, not measurements of a GPU run\n\n")
+    command = shlex.join(["python", "-m", "actmem.kernel_check", *(sys.argv[1:] if argv is None else argv)])
+    ptxas = get_ptxas_version().split("release")[-1].split(",")[0].strip()
+    device = (f"none. Compiled on the CPU (ptxas {ptxas}); these are static figures of the compiler, not "
+              "measurements of a GPU run")
+    took = {"took": f"{seconds:.0f} s"}
+    return f"# Kernels, compiled for GPUs without one\n\n{header(command, device, started, took)}\n"
 
 
 def main(argv=None) -> int:
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     for launch in sorted(seen, key=lambda x: x.name):
         print(f"  {launch.name}  <- {seen[launch]}")
     if args.out:
-        text = header(argv, started, time.perf_counter() - t0) + report(results, seen)  # before the file exists
+        text = report_header(argv, started, time.perf_counter() - t0) + report(results, seen)  # before the file exists
         with open(args.out, "w") as f:
             f.write(text + "\n")
     found = problems(results)

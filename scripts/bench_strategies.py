@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import time
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from actmem import models, strategies
 from actmem.errors import StrategyError
 from actmem.measure import activation_bytes
+from actmem.provenance import command_line, device_name, header
 from actmem.suite.workload import recompute_pairs
 
 RECOMPUTE = "recompute σ->f2"
@@ -89,7 +89,7 @@ def bench_model(name: str, names: list[str], batch: int, steps: int, warmup: int
 
 
 def bench_kernel(device: torch.device, n: int = 1 << 26, reps: int = 20) -> list[str]:
-    from actmem.strategies import forward_ad_kernel as k
+    from actmem.compress import triton_activation as k
 
     lines = ["| σ | dtype | ms | GB/s (read x, write σ, σ') |", "|---|---|---|---|"]
     for dtype in (torch.float32, torch.bfloat16):
@@ -118,12 +118,9 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    print(f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, commit {commit}, {where}, torch "
-          f"{torch.__version__}; load average at start {os.getloadavg()[0]:.1f}; batch {args.batch}, "
-          f"{args.steps} timed steps (median) after {args.warmup} warm-up, interleaved.\n")
+    print(header(command_line(), device_name(device), datetime.datetime.now(), {
+        "load average at start": f"{os.getloadavg()[0]:.1f}",
+        "steps": f"batch {args.batch}, {args.steps} timed steps (median) after {args.warmup} warm-up, interleaved"}))
     head = "| model | strategy | img/s | vs exact | saved MB | activation ratio |"
     if device.type == "cuda":
         head += " peak MB |"

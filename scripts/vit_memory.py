@@ -7,20 +7,22 @@ Bytes held for backward by one training forward (actmem.measure), the ratio to e
 sit: the MLP hidden tensors (GELU input and output, i.e. what GELU and fc2 keep: the part fewbit and
 forward_ad act on) against everything else. Then one MLP block (fc1 -> σ -> fc2, ViT-tiny widths) with
 σ a module or written in primitives: what standard autograd keeps for σ and fc2 vs forward_ad.
-Prints markdown.
+Prints markdown, headed by the provenance lines of a results file.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from actmem import data, models, strategies
 from actmem.measure import saved_bytes_by_module
+from actmem.models.primitives import GeluTanh, MishPrim, Swish
+from actmem.provenance import command_line, device_name, header
 
 MB = 2**20
 STRATEGIES = [
@@ -30,21 +32,6 @@ STRATEGIES = [
     ("combo fewbit+actnn", {"name": "combo", "parts": ["fewbit", "actnn"]}),
     ("combo forward_ad+actnn", {"name": "combo", "parts": ["forward_ad", "actnn"]}),
 ]
-
-
-class GeluTanh(nn.Module):
-    def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
-
-
-class Mish(nn.Module):
-    def forward(self, x):
-        return x * torch.tanh(F.softplus(x))
-
-
-class Swish(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(x)
 
 
 def batch(size: int, root: str) -> tuple[torch.Tensor, str]:
@@ -89,7 +76,7 @@ def block_table(tokens: int) -> list[str]:
     x = torch.randn(tokens, 192, requires_grad=True)
     hidden = tokens * 768 * 4
     for label, act in [("nn.GELU", nn.GELU()), ("nn.SiLU", nn.SiLU()), ("GELU-tanh in primitives", GeluTanh()),
-                       ("Mish in primitives", Mish()), ("Swish in primitives", Swish())]:
+                       ("Mish in primitives", MishPrim()), ("Swish in primitives", Swish())]:
         block = nn.Sequential(nn.Linear(192, 768), act, nn.Linear(768, 192))
         fused = strategies.apply(copy.deepcopy(block), "forward_ad", elementwise=[type(act).__name__])
         e, f = saved_bytes_by_module(block, x), saved_bytes_by_module(fused, x)
@@ -104,6 +91,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--cifar-root", default="data/cifar10", help="'' for random input")
     args = ap.parse_args()
+    print(header(command_line(), device_name("cpu"), dt.datetime.now()))
     x, source = batch(args.batch, args.cifar_root)
     print(f"vit_tiny (depth 12, dim 192, 65 tokens), batch {args.batch}, fp32, {source}:\n")
     print("\n".join(vit_table(x)))

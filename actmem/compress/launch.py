@@ -104,19 +104,18 @@ def _binder(kernel):
 
 def kernels() -> dict[str, object]:
     """Every Triton kernel of actmem, by name: the @triton.jit functions named `*_kernel` in the
-    kernel modules (`triton_*` in compress and strategies); the other jit functions are helpers that
-    Triton inlines into them."""
+    kernel modules (`compress/triton_*`); the other jit functions are helpers that Triton inlines into
+    them."""
     found = {}
-    for package in ("actmem.compress", "actmem.strategies"):
-        for info in pkgutil.iter_modules(importlib.import_module(package).__path__):
-            if not info.name.startswith(("triton_", "forward_ad_kernel")):
-                continue
-            module = importlib.import_module(f"{package}.{info.name}")
-            for name, obj in inspect.getmembers(module):
-                if name.endswith("_kernel") and getattr(obj, "fn", None) and obj.fn.__module__ == module.__name__:
-                    if name in found:
-                        raise RuntimeError(f"two kernels are named {name}: a profiler trace could not tell them apart")
-                    found[name] = obj
+    for info in pkgutil.iter_modules(importlib.import_module("actmem.compress").__path__):
+        if not info.name.startswith("triton_"):
+            continue
+        module = importlib.import_module(f"actmem.compress.{info.name}")
+        for name, obj in inspect.getmembers(module):
+            if name.endswith("_kernel") and getattr(obj, "fn", None) and obj.fn.__module__ == module.__name__:
+                if name in found:
+                    raise RuntimeError(f"two kernels are named {name}: a profiler trace could not tell them apart")
+                found[name] = obj
     return found
 
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from actmem.compress.launch import launch
-from actmem.compress.triton_index import cast_rne
+from actmem.compress.triton_tiles import cast_rne
 
 KINDS = ("gelu", "gelu_tanh", "silu", "mish")
 BLOCK = 1024

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from actmem.compress.triton_index import cast_rne, launch_elementwise, load_packed, store_packed, tile_offsets
+from actmem.compress.triton_tiles import cast_rne, launch_elementwise, load_packed, store_packed, tile_offsets
 
 
 # Seeds and counts used only in index arithmetic are not specialized: Triton would compile another kernel

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from actmem.compress.launch import launch
-from actmem.compress.triton_index import cast_rne, pack_tile, unpack_tile
+from actmem.compress.triton_tiles import cast_rne, pack_tile, unpack_tile
 
 # 4 elements a thread: 2048-element tiles needed up to 169 registers in the mixed-width quantizer (12 %
 # occupancy on sm_90), 128 forced by maxnreg spilled; at 1024 it takes at most 80 (results/kernels-static.md).

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from actmem.compress.launch import launch
-from actmem.compress.triton_index import cast_rne, load_packed, store_packed
+from actmem.compress.triton_tiles import cast_rne, load_packed, store_packed
 
 GROUPS = 128  # groups of 8 codes per iteration: 1024 elements
 POOL_TILE = 1024  # elements of x per block-mean iteration (2048 spill on sm_80 for [N, F] rows)

@@ -60,7 +60,7 @@ import torch.nn as nn
 
 from actmem import compress
 from actmem.compress.packed import Packed
-from actmem.errors import StrategyError
+from actmem.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES
 from actmem.strategies.layers import BATCHNORM, TRANSFORMER, Codec, swap_layers
 
@@ -180,31 +180,32 @@ class BitAllocator:
             c.budget = budget
 
 
-def _settings(cfg) -> tuple[str, float | None]:
+def width(cfg) -> float | None:
+    """The bits a level works with (None at L0), after refusing settings it cannot take."""
     if cfg.level not in LEVELS:
-        raise StrategyError(f"actnn: level={cfg.level!r}; use one of {', '.join(LEVELS)} (L3.1/L4/L5/swap "
-                            "are the official memory-system tricks on top of L3 and are not offered).")
+        raise ConfigError(f"strategy.level={cfg.level!r}: actnn's levels are {', '.join(LEVELS)} (L3.1/L4/L5/swap "
+                          "are the official memory-system tricks on top of L3 and are not offered).")
+    if cfg.group_size < 8 or cfg.group_size % 8:
+        raise ConfigError(f"strategy.group_size={cfg.group_size}: use a positive multiple of 8 (the paper's is 256).")
     if cfg.level == "L0":
         if cfg.bits is not None:
-            raise StrategyError("actnn: level L0 quantizes nothing, so bits does not apply; use L1..L3.")
-        return cfg.level, None
+            raise ConfigError("strategy.bits: actnn level L0 quantizes nothing, so bits does not apply; use L1..L3.")
+        return None
     if cfg.level == "L3":
         bits = 2.0 if cfg.bits is None else float(cfg.bits)
         if not 1 <= bits <= MAX_BITS:
-            raise StrategyError(f"actnn: bits={cfg.bits:g} at L3 is the average budget; use 1..8 (default 2).")
-        return cfg.level, bits
+            raise ConfigError(f"strategy.bits={cfg.bits:g}: at L3 it is the average budget; use 1..8 (default 2).")
+        return bits
     bits = 4 if cfg.bits is None else cfg.bits
     if bits not in UNIFORM_BITS:
-        raise StrategyError(f"actnn: bits={cfg.bits:g} at {cfg.level} is a uniform width; use one of "
-                            f"{', '.join(map(str, UNIFORM_BITS))} (or level=L3 for an average budget).")
-    return cfg.level, int(bits)
+        raise ConfigError(f"strategy.bits={cfg.bits:g}: at {cfg.level} it is a uniform width; use one of "
+                          f"{', '.join(map(str, UNIFORM_BITS))} (or strategy.level=L3 for an average budget).")
+    return int(bits)
 
 
-@STRATEGIES.register("actnn", schema=ActnnConfig)
+@STRATEGIES.register("actnn", schema=ActnnConfig, check=width)
 def apply_actnn(model: nn.Module, cfg) -> nn.Module:
-    level, bits = _settings(cfg)
-    if cfg.group_size < 8 or cfg.group_size % 8:
-        raise StrategyError(f"actnn: group_size={cfg.group_size}; use a positive multiple of 8 (the paper's is 256).")
+    level, bits = cfg.level, width(cfg)
     allocator = BitAllocator(bits, cfg.group_size) if level == "L3" else None
 
     def codec_for(name, module):

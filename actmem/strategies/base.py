@@ -1,13 +1,21 @@
-"""The strategy registry and the helpers every strategy shares.
+"""The strategy kit, part 1: the registry, and finding and replacing the modules a strategy serves.
 
-A strategy is `fn(model, cfg) -> model`: it rewrites the model (swapping submodules) so that the
-forward output is unchanged bit for bit and only what autograd keeps for backward differs. It must
-refuse a model it cannot serve by raising StrategyError, at apply time, before training starts.
+A strategy registers `fn(model, cfg) -> model` with its config schema and a `check(cfg)`:
+`@STRATEGIES.register("name", schema=NameConfig, check=check_name)`. `check` refuses impossible
+settings with ConfigError naming `strategy.KEY`; `resolve` runs it, so a bad setting fails before any
+data is loaded or model built. `fn` rewrites the model so that the forward output is unchanged bit for
+bit and only what autograd keeps for backward differs, and raises StrategyError for a model it cannot
+serve. The tools: `trace` (a torch.fx graph with one leaf rule), `Claimed.swap` and `replace_modules`
+(one way to put a module in place); part 2, the backward ops from a decoded input and the saving of
+packed state, is `actmem.strategies.ops`. docs/adding-a-strategy.md walks through one.
 """
 from __future__ import annotations
 
+import functools
+from collections import Counter
 from collections.abc import Callable
 
+import torch.fx as fx
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,10 +38,12 @@ def resolve(name_or_cfg, **overrides) -> DictConfig:
         raise ConfigError(f"A strategy config needs a 'name'; valid names: {', '.join(STRATEGIES.names())}.")
     entry = STRATEGIES.get(given["name"])
     try:
-        return OmegaConf.merge(OmegaConf.structured(entry.schema), given, overrides)
+        cfg = OmegaConf.merge(OmegaConf.structured(entry.schema), given, overrides)
     except OmegaConfBaseException as e:
         keys = ", ".join(entry.schema.__dataclass_fields__)
         raise ConfigError(f"Bad setting for strategy {given['name']!r}: {e.msg}. Its keys are: {keys}.") from None
+    entry.meta.get("check", lambda cfg: None)(cfg)
+    return cfg
 
 
 def apply(model: nn.Module, name_or_cfg, **overrides) -> nn.Module:
@@ -56,10 +66,20 @@ class Claimed:
 
     @classmethod
     def swap(cls, module: nn.Module, **attrs):
-        """The same module (parameters, buffers, hooks, state_dict keys) as an instance of cls, plus attrs."""
-        new = cls.__new__(cls)
+        """The same module (parameters, buffers, children, hooks, state_dict keys) as an instance of cls,
+        plus attrs. A cls that is a mixin, not a subclass of the module's class, is combined with it
+        (`Checkpointed.swap(block)` is the block, recomputed)."""
+        kind = cls if issubclass(cls, type(module)) else _combined(cls, type(module))
+        new = kind.__new__(kind)
         new.__dict__.update(module.__dict__, **attrs)
+        for table in ("_parameters", "_buffers", "_modules"):  # its own tables: adding to one leaves the original
+            setattr(new, table, dict(getattr(module, table)))
         return new
+
+
+@functools.cache
+def _combined(mixin: type, base: type) -> type:
+    return type(f"{mixin.__name__}{base.__name__}", (mixin, base), {"__module__": mixin.__module__})
 
 
 def replace_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
@@ -81,3 +101,31 @@ def replace_modules(model: nn.Module, select: Callable[[str, nn.Module], bool],
 
     visit(model, "")
     return replaced
+
+
+class Graph:
+    """A model's torch.fx graph with the one leaf rule every strategy shares: a claimed module (another
+    strategy's) is opaque, as is any module `leaf(module)` names."""
+
+    def __init__(self, model: nn.Module, strategy: str, leaf: Callable[[nn.Module], bool] = lambda m: False):
+        class Tracer(fx.Tracer):
+            def is_leaf_module(self, m, qualname):
+                return isinstance(m, Claimed) or leaf(m) or super().is_leaf_module(m, qualname)
+
+        try:
+            self.nodes = list(Tracer().trace(model).nodes)
+        except Exception as e:  # fx raises many types; the message is what matters
+            raise StrategyError(
+                f"{strategy} finds the layers it serves by tracing the model with torch.fx, which failed for "
+                f"{type(model).__name__} ({type(e).__name__}: {e}). Make the forward traceable (no data-dependent "
+                "control flow), or use strategy=actnn, division or checkpoint.") from None
+        self.modules = dict(model.named_modules())
+        self.call_count = Counter(n.target for n in self.nodes if n.op == "call_module")
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        """The module a node calls (None for other nodes)."""
+        return self.modules[node.target] if node.op == "call_module" else None
+
+    def calls(self, node: fx.Node, kinds) -> bool:
+        """The node calls a module whose class is exactly one of `kinds` (a subclass may differ)."""
+        return node.op == "call_module" and type(self.modules[node.target]) in kinds

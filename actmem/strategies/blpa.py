@@ -45,7 +45,6 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd import Function
@@ -53,8 +52,8 @@ from torch.autograd import Function
 from actmem.compress.grid import grid_dequantize, grid_quantize
 from actmem.compress.packed import Packed
 from actmem.errors import ConfigError, StrategyError
-from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
-from actmem.strategies.layers import autocast_inputs, load_packed, save_packed
+from actmem.strategies.base import STRATEGIES, Claimed, Graph, replace_modules
+from actmem.strategies.ops import autocast_inputs, conv_backward, load_packed, save_packed
 
 BITS = (4, 8)
 
@@ -131,19 +130,14 @@ class _ConvFromCodeFn(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, code, stride, padding, dilation, groups):
         save_packed(ctx, [code.packed], weight, code.gamma.detach())
-        ctx.conv = (stride, padding, dilation, groups)
-        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.conv, ctx.has_bias = (stride, padding, dilation, groups), bias is not None
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (packed,), (weight, gamma) = load_packed(ctx)
-        stride, padding, dilation, groups = ctx.conv
         y_hat = rebuild_input(packed, gamma).to(weight.dtype)
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        gx, gw, gb = torch.ops.aten.convolution_backward(grad, y_hat, weight, ctx.bias_shape, stride, padding,
-                                                         dilation, False, [0, 0], groups, mask)
-        return gx, gw, gb, None, None, None, None, None
+        return *conv_backward(grad, y_hat, weight, ctx.has_bias, ctx.needs_input_grad, *ctx.conv), *[None] * 5
 
 
 # --- the swapped modules ----------------------------------------------------------------------------------
@@ -191,13 +185,6 @@ class BlpaConv2d(Claimed, nn.Conv2d):
 
 # --- finding the chains -------------------------------------------------------------------------------------
 
-class _Tracer(fx.Tracer):
-    """Claimed modules (another strategy's) are opaque: what is inside them is not ours to rewrite."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Claimed) or super().is_leaf_module(m, qualname)
-
-
 def _servable_conv(conv: nn.Module) -> bool:
     return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
@@ -205,30 +192,20 @@ def _servable_conv(conv: nn.Module) -> bool:
 def find_chains(model: nn.Module) -> dict[str, tuple[set[str], set[str]]]:
     """{BN name: (its ReLU module names, the Conv2d names fed by them)} for every BatchNorm2d all of
     whose calls feed only an nn.ReLU module whose output feeds at least one servable Conv2d."""
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types; the message is what matters
-        raise StrategyError(
-            f"blpa finds its BatchNorm -> ReLU -> Conv chains by tracing the model with torch.fx, which "
-            f"failed for {type(model).__name__} ({type(e).__name__}: {e}). Make the forward traceable (no "
-            "data-dependent control flow), or use strategy=actnn or strategy=division.") from None
-    modules = dict(model.named_modules())
-
-    def calls(node, cls) -> bool:
-        return node.op == "call_module" and type(modules[node.target]) is cls
+    graph = Graph(model, "blpa")
 
     def chain(bn_node):
         users = list(bn_node.users)
-        if len(users) != 1 or not calls(users[0], nn.ReLU):
+        if len(users) != 1 or not graph.calls(users[0], [nn.ReLU]):
             return None
         relu = users[0]
         convs = {u.target for u in relu.users
-                 if calls(u, nn.Conv2d) and u.args == (relu,) and _servable_conv(modules[u.target])}
+                 if graph.calls(u, [nn.Conv2d]) and u.args == (relu,) and _servable_conv(graph.module(u))}
         return (relu.target, convs) if convs else None
 
     found: dict[str, list] = {}
     for node in graph.nodes:
-        if calls(node, nn.BatchNorm2d) and modules[node.target].affine:
+        if graph.calls(node, [nn.BatchNorm2d]) and graph.module(node).affine:
             found.setdefault(node.target, []).append(chain(node))
     return {bn: ({c[0] for c in cs}, set().union(*(c[1] for c in cs)))
             for bn, cs in found.items() if all(cs)}  # a BN called twice is fused only if both calls chain
@@ -242,11 +219,14 @@ def _zero_gamma_message(gammas, names) -> str:
             "strategy=division.")
 
 
-@STRATEGIES.register("blpa", schema=BlpaConfig)
-def apply_blpa(model: nn.Module, cfg) -> nn.Module:
+def check_blpa(cfg) -> None:
     if cfg.bits not in BITS:
         raise ConfigError(f"strategy.bits={cfg.bits}: BLPA codes activations at {' or '.join(map(str, BITS))} "
                           "bits (the paper's settings).")
+
+
+@STRATEGIES.register("blpa", schema=BlpaConfig, check=check_blpa)
+def apply_blpa(model: nn.Module, cfg) -> nn.Module:
     chains = find_chains(model)
     if not chains:
         raise StrategyError(

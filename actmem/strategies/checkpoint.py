@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from actmem import models
-from actmem.errors import StrategyError
+from actmem.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
 
 GRANULARITIES = ("block", "stage")
@@ -57,18 +57,17 @@ def frozen_batchnorm_stats(module: nn.Module):
             m.num_batches_tracked.copy_(count)
 
 
-class Checkpointed(Claimed, nn.Module):
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
+class Checkpointed(Claimed):
+    """Mixin: `Checkpointed.swap(block)` is the block (same parameters and state_dict keys), its
+    forward recomputed in backward."""
 
     def forward(self, *args):
         tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if torch.is_tensor(t)]
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-            return self.inner(*args)
+            return super().forward(*args)
         args = [_visible(a) for a in args]
-        context = lambda: (nullcontext(), frozen_batchnorm_stats(self.inner))  # noqa: E731
-        return checkpoint(self.inner, *args, use_reentrant=False, context_fn=context)
+        context = lambda: (nullcontext(), frozen_batchnorm_stats(self))  # noqa: E731
+        return checkpoint(super().forward, *args, use_reentrant=False, context_fn=context)
 
 
 def _visible(arg):
@@ -82,15 +81,18 @@ def _is_block(module: nn.Module) -> bool:
     return isinstance(module, models.block_types())
 
 
-@STRATEGIES.register("checkpoint", schema=CheckpointConfig)
-def apply_checkpoint(model: nn.Module, cfg) -> nn.Module:
+def check_checkpoint(cfg) -> None:
     if cfg.granularity not in GRANULARITIES:
-        raise StrategyError(f"strategy.granularity={cfg.granularity!r}: use one of {', '.join(GRANULARITIES)}.")
+        raise ConfigError(f"strategy.granularity={cfg.granularity!r}: use one of {', '.join(GRANULARITIES)}.")
+
+
+@STRATEGIES.register("checkpoint", schema=CheckpointConfig, check=check_checkpoint)
+def apply_checkpoint(model: nn.Module, cfg) -> nn.Module:
     if cfg.granularity == "block":
         select = lambda name, m: _is_block(m)  # noqa: E731
     else:  # a stage: a Sequential whose children are blocks
         select = lambda name, m: isinstance(m, nn.Sequential) and any(map(_is_block, m.children()))  # noqa: E731
-    replaced = replace_modules(model, select, Checkpointed)
+    replaced = replace_modules(model, select, Checkpointed.swap)
     if not replaced:
         raise StrategyError(
             f"checkpoint (granularity={cfg.granularity}) found no {cfg.granularity} to wrap in "

@@ -33,8 +33,10 @@ class ComboConfig:
     parts: list[Any] = field(default_factory=lambda: ["fewbit", "actnn"])  # names or strategy configs
 
 
-def check(names: list[str]) -> None:
-    """StrategyError for a combination that cannot work (see the module docstring)."""
+def check_combo(cfg) -> None:
+    """Each part's own settings (resolving a part checks them), then the combination: StrategyError for
+    one that cannot work (see the module docstring)."""
+    names = [resolve(p).name for p in cfg.parts]
     if not names:
         raise ConfigError("strategy=combo needs strategy.parts, e.g. strategy.parts=[fewbit,actnn].")
     if "combo" in names:
@@ -57,10 +59,9 @@ def check(names: list[str]) -> None:
                                 f"strategy.parts=[forward_ad,{','.join(n for n in names if n != 'forward_ad')}].")
 
 
-@STRATEGIES.register("combo", schema=ComboConfig)
+@STRATEGIES.register("combo", schema=ComboConfig, check=check_combo)
 def apply_combo(model: nn.Module, cfg) -> nn.Module:
     parts = [resolve(p) for p in cfg.parts]
-    check([p.name for p in parts])
     for i, part in enumerate(parts):
         try:
             model = STRATEGIES.get(part.name).fn(model, part)

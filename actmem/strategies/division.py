@@ -26,9 +26,10 @@ import torch.nn as nn
 
 from actmem.compress.packed import Packed
 from actmem.compress.split import split_geometry, split_quantize
-from actmem.errors import StrategyError
+from actmem.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES
-from actmem.strategies.layers import TRANSFORMER, Codec, keep, swap_layers
+from actmem.strategies.layers import TRANSFORMER, Codec, swap_layers
+from actmem.strategies.ops import keep
 
 
 @dataclass
@@ -56,12 +57,15 @@ class SplitCodec(Codec):
         return split_quantize(x, self.block, self.bits)
 
 
-@STRATEGIES.register("division", schema=DivisionConfig)
-def apply_division(model: nn.Module, cfg) -> nn.Module:
+def check_division(cfg) -> None:
     if not 1 <= cfg.bits <= 8:
-        raise StrategyError(f"division: bits={cfg.bits}; the high-frequency part takes 1..8 bits (paper: 2).")
+        raise ConfigError(f"strategy.bits={cfg.bits}: DIVISION's high-frequency part takes 1..8 bits (paper: 2).")
     if cfg.block < 1:
-        raise StrategyError(f"division: block={cfg.block}; use a positive block size (paper: 8).")
+        raise ConfigError(f"strategy.block={cfg.block}: use a positive block size (paper: 8).")
+
+
+@STRATEGIES.register("division", schema=DivisionConfig, check=check_division)
+def apply_division(model: nn.Module, cfg) -> nn.Module:
     maps, rows = SplitCodec(cfg.block, cfg.bits), SplitCodec(cfg.block, cfg.bits, rows=True)
 
     def codec_for(name, module):

@@ -10,8 +10,8 @@ piecewise-constant q with 2**b pieces that minimises  ∫ (f'(x) - q(x))² w(x) 
   (fewbit/cli.py). The tails then weigh more, so the outer pieces fit them better and the middle ones
   worse; results/fewbit-tables.md gives both sets' errors under both weights and under a standard
   normal one.
-Each set is the exact optimum over borders on a grid (`objective_grid`: step 1/210 on [-10, 10], cells
-growing 1% each beyond), found by dynamic programming (`optimal_tables`). Tables are computed once by
+Each set is the exact optimum over borders on a grid (step 1/210 on [-10, 10], cells growing 1% each
+beyond), found by dynamic programming (actmem.derivative_tables). Tables are computed once by
 scripts/fewbit_tables.py, shipped in fewbit_tables.json (uniform10) and fewbit_tables_uniform100.json,
 and read by `derivative_table`. ReLU, LeakyReLU, ReLU6, Hardtanh and Hardsigmoid have piecewise-constant
 derivatives: they get exact 1- or 2-bit tables (`exact_table`), so their gradients are exact whatever
@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -53,6 +52,7 @@ import torch.nn.functional as F
 from actmem.compress.index import bucketize_pack, lookup_mul
 from actmem.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
+from actmem.strategies.ops import load_packed, save_packed
 
 BITS = (1, 2, 3, 4)
 # strategy.objective -> R: its tables minimise ∫ (f' - q)² dx over [-R, R] (w uniform there); and their file.
@@ -70,126 +70,6 @@ CONTINUOUS = {
 SYMMETRY = {"tanh": "even", "sigmoid": "even", "softsign": "even", "gelu": "odd", "gelu_tanh": "odd",
             "silu": "odd", "softplus": "odd", "hardswish": "odd", "logsigmoid": "odd"}
 STEPWISE = ("relu", "leaky_relu", "relu6", "hardtanh", "hardsigmoid")
-
-
-# ---------------------------------------------------------------- tables: the DP optimum ----------
-
-def derivative(fn, x: torch.Tensor) -> torch.Tensor:
-    """f'(x) by torch's own backward of the op, so a table fits exactly the derivative autograd uses."""
-    x = x.detach().requires_grad_()
-    (grad,) = torch.autograd.grad(fn(x).sum(), x)
-    return grad
-
-
-def uniform(x: torch.Tensor) -> torch.Tensor:
-    return torch.ones_like(x)
-
-
-def grid(lo: float, hi: float, cells: int) -> torch.Tensor:
-    """cells + 1 float64 edges; written as mid + half * k / cells so that a grid symmetric about 0 is
-    exactly symmetric (mirrored borders come out as exact negatives)."""
-    k = 2 * torch.arange(cells + 1, dtype=torch.float64) - cells
-    return (lo + hi) / 2 + (hi - lo) / 2 * k / cells
-
-
-def objective_grid(reach: float, cells: int = 4200, growth: float = 1.01) -> torch.Tensor:
-    """The edges the DP's borders lie on, for w uniform on [-reach, reach]: `cells` equal cells on
-    [-10, 10] (the shipped step 1/210 puts the kinks at 0 and +-3 and the 3/7-wide steps of the optimal
-    Hardswish table on the grid), then, out to +-reach, cells that grow by `growth` each from that step
-    (the last one cut at reach); exactly symmetric. reach=100 takes 2 x 528 tail cells instead of 2 x 18900
-    at step 1/210 (the DP's memory grows as cells²). Coarse tails cost little: beyond +-10 every
-    tabulated f' is within 5e-4 of a constant (its limit), except softsign's 1/(1 + |x|)², which is below
-    0.0083 and smooth; there a border resolves to 1/210 + 1% of its distance past 10. No shipped
-    uniform100 border lies in the tails, and tails 2.5x finer (growth 1.004) give the same borders for
-    every table, levels and errors within 1e-10."""
-    if reach <= 10.0:
-        return grid(-reach, reach, cells)
-    step = 20.0 / cells
-    n = math.ceil(math.log1p((reach - 10.0) * (growth - 1) / step) / math.log(growth))
-    tail = 10.0 + step * (growth ** torch.arange(1, n + 1, dtype=torch.float64) - 1) / (growth - 1)
-    tail = torch.cat([tail[tail < reach], torch.tensor([reach], dtype=torch.float64)])
-    return torch.cat([-tail.flip(0), grid(-10.0, 10.0, cells), tail])
-
-
-def quadrature(edges: torch.Tensor, weight=uniform, nodes: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """[cells, nodes] Gauss-Legendre points x of every cell and their weights times w(x)."""
-    t, tw = (torch.from_numpy(a) for a in np.polynomial.legendre.leggauss(nodes))
-    a, b = edges[:-1, None], edges[1:, None]
-    x = (a + b) / 2 + (b - a) / 2 * t
-    return x, (b - a) / 2 * tw * weight(x)
-
-
-def cell_moments(fn, edges: torch.Tensor, weight=uniform, nodes: int = 8) -> torch.Tensor:
-    """[3, cells + 1] prefix sums of ∫w, ∫f'w, ∫f'²w over the grid cells (Gauss-Legendre, `nodes`
-    points per cell; kinks of f' sit on grid points, so each cell's integrand is smooth)."""
-    x, h = quadrature(edges, weight, nodes)
-    d = derivative(fn, x)
-    cells = torch.stack([h.sum(1), (h * d).sum(1), (h * d * d).sum(1)])
-    return F.pad(cells.cumsum(1), (1, 0))
-
-
-def interval_costs(moments: torch.Tensor) -> torch.Tensor:
-    """[n, n] with entry (i, j) = min over constants c of ∫ (f' - c)² w on edges i..j (inf unless i < j)
-    = ∫f'²w - (∫f'w)² / ∫w, from prefix sums in O(1) each. Memory: O(cells²)."""
-    w, a, b = (m[None, :] - m[:, None] for m in moments)
-    n = moments.shape[1]
-    above = torch.ones(n, n, dtype=torch.bool).triu(1)
-    return torch.where(above, b - a.square() / torch.where(above, w, 1.0), math.inf)
-
-
-def optimal_tables(fn, edges: torch.Tensor, max_bits: int = 4, weight=uniform, nodes: int = 8) -> dict[int, dict]:
-    """For b = 1..max_bits, the piecewise-constant q with 2**b pieces, borders among `edges`, that
-    minimises ∫ (f' - q)² w over [edges[0], edges[-1]] exactly: DP over the number of pieces, D_k[j] =
-    min_i D_{k-1}[i] + cost(i, j), vectorised over i and j. One DP of 2**max_bits steps serves every b.
-    Exact over the grid, so the optimum over all borders up to the grid's resolution.
-
-    Returns {b: {"borders": 2**b - 1 floats, "levels": 2**b floats (w-weighted mean of f' over each
-    interval), "error": the minimum, unnormalised}}; the outer intervals extend to +-inf when the table
-    is used."""
-    cells = len(edges) - 1
-    moments = cell_moments(fn, edges, weight, nodes)
-    cost = interval_costs(moments)
-    best = torch.full((cells + 1,), math.inf, dtype=torch.float64)
-    best[0] = 0.0
-    back = []
-    for _ in range(2**max_bits):
-        best, arg = (best[:, None] + cost).min(0)
-        back.append(arg)
-    tables = {}
-    for bits in range(1, max_bits + 1):
-        points = [cells]
-        for step in reversed(back[: 2**bits]):
-            points.append(int(step[points[-1]]))
-        idx = torch.tensor(points[::-1])
-        w, a, b = (m[idx[1:]] - m[idx[:-1]] for m in moments)
-        tables[bits] = {"borders": edges[idx[1:-1]].tolist(), "levels": (a / w).tolist(),
-                        "error": float((b - a.square() / w).sum())}
-    return tables
-
-
-def mean_square_error(fn, borders: torch.Tensor, levels: torch.Tensor, edges: torch.Tensor, weight=uniform,
-                      nodes: int = 8) -> float:
-    """E (f'(x) - q(x))² for x with density ∝ w on [edges[0], edges[-1]], q the table as given (levels not
-    refitted): the table's borders join the quadrature's edges, so each cell's integrand is smooth and
-    any table is integrated as accurately as the DP's own moments."""
-    inside = borders[(borders > edges[0]) & (borders < edges[-1])]
-    x, h = quadrature(torch.cat([edges, inside]).unique(), weight, nodes)
-    q = levels[torch.bucketize(x, borders)]
-    return float((h * (derivative(fn, x) - q).square()).sum() / h.sum())
-
-
-def mirror(table: dict, symmetry: str) -> dict:
-    """The table of x -> q(-x) (for "odd" symmetry: 1 - q(-x)), which has the same error."""
-    levels = table["levels"][::-1]
-    return {**table, "borders": [-b for b in table["borders"][::-1]],
-            "levels": [1 - v for v in levels] if symmetry == "odd" else levels}
-
-
-def canonical(name: str, table: dict) -> dict:
-    """Of an even derivative's two mirror-image optima, the one whose borders sum to <= 0."""
-    if SYMMETRY.get(name) == "even" and sum(table["borders"]) > 0:
-        return mirror(table, "even")
-    return table
 
 
 def exact_table(name: str, bits: int, **params) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +114,7 @@ def check_objective(objective: str) -> None:
 
 
 def derivative_table(name: str, bits: int, objective: str = "uniform10") -> tuple[torch.Tensor, torch.Tensor]:
-    """(borders, levels): float64 1-D tensors of 2**bits - 1 inner borders and 2**bits levels (SPEC.md).
+    """(borders, levels): float64 1-D tensors of 2**bits - 1 inner borders and 2**bits levels (docs/contracts.md).
     Continuous activations: the shipped DP optimum for `objective`; stepwise ones: the exact table
     (default parameters)."""
     if bits not in BITS:
@@ -263,34 +143,27 @@ class FewbitConfig:
 class _FewBitFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, act, borders, levels, bits):
-        packed = bucketize_pack(x, borders, bits)
-        ctx.save_for_backward(*packed.tensors())
-        ctx.shell = packed.with_tensors(t.new_empty(0) for t in packed.tensors())  # shape, bits, layout
+        save_packed(ctx, [bucketize_pack(x, borders, bits)])
         ctx.levels, ctx.dtype = levels, x.dtype
         return act(x)
 
     @staticmethod
     def backward(ctx, grad_out):
-        packed = ctx.shell.with_tensors(ctx.saved_tensors)
+        (packed,), _ = load_packed(ctx)
         return lookup_mul(packed, ctx.levels, grad_out).to(ctx.dtype), None, None, None, None
 
 
-class FewBit(Claimed, nn.Module):
-    """`act` forward, bit for bit; backward from a `bits`-bit code of the input."""
-
-    def __init__(self, act: nn.Module, borders: torch.Tensor, levels: torch.Tensor, bits: int):
-        super().__init__()
-        self.act, self.bits = act, bits
-        self.register_buffer("borders", borders, persistent=False)
-        self.register_buffer("levels", levels, persistent=False)
+class FewBit(Claimed):
+    """Mixin: `FewBit.swap(act, ...)` is the activation, forward bit for bit; backward from a `bits`-bit
+    code of its input."""
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and x.requires_grad):
-            return self.act(x)
-        return _FewBitFn.apply(x, self.act, self.borders, self.levels, self.bits)
+            return super().forward(x)
+        return _FewBitFn.apply(x, super().forward, self.borders, self.levels, self.bits)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return ", ".join(filter(None, [super().extra_repr(), f"bits={self.bits}"]))
 
 
 def _table_name(m: nn.Module, where: str = "") -> str | None:
@@ -318,20 +191,28 @@ def _table_name(m: nn.Module, where: str = "") -> str | None:
 
 def _make(m: nn.Module, bits: int, objective: str) -> FewBit:
     name = _table_name(m)
-    if hasattr(m, "inplace"):
-        m.inplace = False  # the Function's output must be a new tensor; the values are the same
     if name in STEPWISE:
         params = {k: getattr(m, k) for k in ("negative_slope", "min_val", "max_val") if hasattr(m, k)}
         bits = exact_bits(name)
-        return FewBit(m, *exact_table(name, bits, **params), bits)
-    return FewBit(m, *derivative_table(name, bits, objective), bits)
+        borders, levels = exact_table(name, bits, **params)
+    else:
+        borders, levels = derivative_table(name, bits, objective)
+    new = FewBit.swap(m, bits=bits)
+    if hasattr(new, "inplace"):
+        new.inplace = False  # the Function's output must be a new tensor; the values are the same
+    new.register_buffer("borders", borders, persistent=False)
+    new.register_buffer("levels", levels, persistent=False)
+    return new
 
 
-@STRATEGIES.register("fewbit", schema=FewbitConfig)
-def apply_fewbit(model: nn.Module, cfg) -> nn.Module:
+def check_fewbit(cfg) -> None:
     if cfg.bits not in BITS:
         raise ConfigError(f"strategy.bits={cfg.bits}: fewbit has tables for 1, 2, 3 and 4 bits.")
     check_objective(cfg.objective)
+
+
+@STRATEGIES.register("fewbit", schema=FewbitConfig, check=check_fewbit)
+def apply_fewbit(model: nn.Module, cfg) -> nn.Module:
     select = lambda name, m: _table_name(m, name) is not None  # noqa: E731
     replaced = replace_modules(model, select, lambda m: _make(m, cfg.bits, cfg.objective))
     if not replaced:

@@ -3,8 +3,9 @@
 For an element-wise activation σ between two layers, ... -> f1 -> σ -> f2 with f2 a Linear or Conv,
 standard autograd keeps σ's input x (for σ') and its output y = σ(x) (for f2's weight gradient).
 Here f2 keeps only x: its backward evaluates σ on x in forward mode -- one dual-number pass
-(`torch.func.jvp` with tangent 1, or a fused Triton kernel on the GPU) that gives y and σ'(x) at once
--- and uses y for dW and σ'(x) for the input gradient. The gradient is exact (up to float rounding:
+(`torch.func.jvp` with tangent 1, or on the GPU the fused Triton kernel of
+compress/triton_activation.py) that gives y and σ'(x) at once -- and uses y for dW and σ'(x) for the
+input gradient. The gradient is exact (up to float rounding:
 σ' comes from the forward-mode formula rather than the backward one).
 
 σ -> f2 pairs are found by torch.fx tracing: σ a module of an element-wise type, called once, whose
@@ -26,17 +27,16 @@ Deviations and choices:
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from actmem.compress.backend import dispatch
 from actmem.errors import StrategyError
-from actmem.strategies.base import STRATEGIES, Claimed
+from actmem.strategies.base import STRATEGIES, Claimed, Graph, replace_modules
+from actmem.strategies.ops import conv_backward, linear_backward
 
 # Element-wise activations whose autograd keeps their input: fusing them with f2 saves y.
 ACTIVATIONS = (nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.ELU, nn.CELU, nn.SELU, nn.Hardswish,
@@ -66,9 +66,9 @@ def value_and_derivative(act: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 
 def _fused(act: nn.Module, x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     # Imported here: Triton decides when a kernel is defined whether to interpret it (tests on CPU).
-    from actmem.strategies import forward_ad_kernel
+    from actmem.compress import triton_activation
 
-    return forward_ad_kernel.value_and_derivative(x, kind)
+    return triton_activation.value_and_derivative(x, kind)
 
 
 def _jvp(act: nn.Module, x: torch.Tensor, kind: str | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +91,8 @@ class _NestedFn(torch.autograd.Function):
         device, amp, amp_dtype = ctx.amp
         with torch.autocast(device, dtype=amp_dtype, enabled=amp):  # σ as the forward computed it
             y, dy = value_and_derivative(ctx.layer.act, x)
-        need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
-        gy, gw, gb = ctx.layer.op_backward(grad, y.to(grad.dtype), weight.to(grad.dtype), need)
+        gy, gw, gb = ctx.layer.op_backward(grad, y.to(grad.dtype), weight.to(grad.dtype), ctx.has_bias,
+                                           ctx.needs_input_grad)
         gx = (gy * dy).to(x.dtype) if gy is not None else None
         return gx, gw if gw is None else gw.to(weight.dtype), gb if gb is None else gb.to(weight.dtype), None
 
@@ -100,15 +100,6 @@ class _NestedFn(torch.autograd.Function):
 class _Nested(Claimed):
     """Mixin for f2: the same module (parameters, buffers, state_dict keys shared), now also applying
     σ (`self.act`) to its input first."""
-
-    @classmethod
-    def swap(cls, layer: nn.Module, act: nn.Module):
-        new = cls.__new__(cls)
-        new.__dict__.update(layer.__dict__)
-        new._modules = {**layer._modules, "act": act}
-        if hasattr(act, "inplace"):
-            act.inplace = False
-        return new
 
     def forward(self, x):
         if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
@@ -120,22 +111,16 @@ class NestedLinear(_Nested, nn.Linear):
     def op(self, y, weight, bias):
         return F.linear(y, weight, bias)
 
-    def op_backward(self, grad, y, weight, need):
-        g2 = grad.reshape(-1, grad.shape[-1])
-        gy = grad.matmul(weight) if need[0] else None
-        gw = g2.t().mm(y.reshape(-1, y.shape[-1])) if need[1] else None
-        gb = g2.sum(0) if need[2] else None
-        return gy, gw, gb
+    def op_backward(self, grad, y, weight, has_bias, need):
+        return linear_backward(grad, y, weight, has_bias, need)
 
 
 class _NestedConv(_Nested):
     def op(self, y, weight, bias):
         return self._conv_forward(y, weight, bias)
 
-    def op_backward(self, grad, y, weight, need):
-        bias_sizes = [weight.shape[0]] if need[2] else None
-        return torch.ops.aten.convolution_backward(grad, y, weight, bias_sizes, self.stride, self.padding,
-                                                   self.dilation, False, [0] * len(self.stride), self.groups, need)
+    def op_backward(self, grad, y, weight, has_bias, need):
+        return conv_backward(grad, y, weight, has_bias, need, self.stride, self.padding, self.dilation, self.groups)
 
 
 class NestedConv1d(_NestedConv, nn.Conv1d):
@@ -168,33 +153,16 @@ def _is_layer(m: nn.Module) -> bool:
 def find_pairs(model: nn.Module, elementwise=()) -> list[tuple[str, str]]:
     """(σ name, f2 name) of every σ -> f2 pair that can be fused, in graph order (torch.fx tracing)."""
     is_act = lambda m: type(m) in ACTIVATIONS or type(m).__name__ in elementwise  # noqa: E731
-
-    class Tracer(torch.fx.Tracer):
-        def is_leaf_module(self, m, qualname):
-            return isinstance(m, Claimed) or is_act(m) or super().is_leaf_module(m, qualname)
-
-    try:
-        graph = Tracer().trace(model)
-    except Exception as e:  # noqa: BLE001 -- any tracing failure means: no pairs can be found this way
-        raise StrategyError(f"forward_ad finds σ -> Linear/Conv pairs by torch.fx tracing, which failed on "
-                            f"{type(model).__name__}: {type(e).__name__}: {e}. Use strategy=fewbit or "
-                            "checkpoint for this model.") from None
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    graph = Graph(model, "forward_ad", leaf=is_act)
+    once = lambda n: n.op == "call_module" and graph.call_count[n.target] == 1  # noqa: E731
     pairs = []
     for n in graph.nodes:
-        if n.op != "call_module" or calls[n.target] != 1 or not is_act(modules[n.target]) or len(n.users) != 1:
+        if not once(n) or not is_act(graph.module(n)) or len(n.users) != 1:
             continue
         (user,) = n.users
-        if (user.op == "call_module" and calls[user.target] == 1 and _is_layer(modules[user.target])
-                and user.args == (n,) and not user.kwargs):
+        if once(user) and _is_layer(graph.module(user)) and user.args == (n,) and not user.kwargs:
             pairs.append((n.target, user.target))
     return pairs
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, module)
 
 
 @STRATEGIES.register("forward_ad", schema=ForwardADConfig)
@@ -207,8 +175,13 @@ def apply_forward_ad(model: nn.Module, cfg) -> nn.Module:
             "strategy.elementwise) whose output feeds only a Linear/Conv module. ReLU/Tanh/Sigmoid gain "
             "nothing from it (autograd already keeps only their output); try strategy=fewbit or actnn.")
     modules = dict(model.named_modules())
+    new = {}
     for act_name, layer_name in pairs:
-        layer = modules[layer_name]
-        _set(model, layer_name, NESTED[type(layer)].swap(layer, modules[act_name]))
-        _set(model, act_name, Deferred())
+        act, layer = modules[act_name], modules[layer_name]
+        if hasattr(act, "inplace"):
+            act.inplace = False  # it now runs inside the layer, on a tensor autograd keeps
+        new[layer] = NESTED[type(layer)].swap(layer)
+        new[layer].act = act
+        new[act] = Deferred()
+    replace_modules(model, lambda name, m: m in new, new.get)
     return model

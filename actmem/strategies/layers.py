@@ -14,7 +14,7 @@
 
 A *codec* is what a strategy chooses per layer: `pack(x) -> Packed`, `unpack(p) -> Tensor`, and
 `observe(grad_output)`, called in each backward (ActNN's adaptive bit allocation learns from it);
-`keep(x)` is the uncompressed Packed, for inputs a codec would only enlarge. Layers not swapped:
+`ops.keep(x)` is the uncompressed Packed, for inputs a codec would only enlarge. Layers not swapped:
 ConvTranspose, SyncBatchNorm, feature dropout (Dropout1d/2d/3d), and any subclass of a swapped type.
 Each swapped layer is an instance of a subclass of the original class, sharing its parameters, buffers
 and state_dict keys, so checkpoints load either way. Each Function saves only `packed.tensors()` with
@@ -23,7 +23,6 @@ under no_grad, or when nothing needs a gradient, the original forward runs uncha
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -32,10 +31,11 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from actmem.compress.index import pack_index, pack_mask, unpack_index, unpack_mask
-from actmem.compress.packed import Packed, decode, register_layout
+from actmem.compress.packed import Packed, decode
 from actmem.errors import StrategyError
 from actmem.models.base import MatMul
 from actmem.strategies.base import Claimed, replace_modules
+from actmem.strategies.ops import autocast_inputs, conv_backward, linear_backward, load_packed, save_packed
 
 
 class Codec:
@@ -49,45 +49,6 @@ class Codec:
 
     def observe(self, grad_output: torch.Tensor) -> None:
         """Called in backward with the layer's output gradient; stateless codecs ignore it."""
-
-
-@register_layout("raw")
-def _raw(p: Packed) -> torch.Tensor:
-    return p.codes.view(p.dtype).view(p.shape)
-
-
-def keep(x: torch.Tensor) -> Packed:
-    """x itself, uncompressed (layout "raw": its bytes viewed as uint8, no copy): for inputs a codec
-    would only enlarge."""
-    codes = x.detach().contiguous().view(-1).view(torch.uint8)
-    return Packed(codes, (), x.shape, x.dtype, 8 * x.element_size(), "raw")
-
-
-# --- saving a Packed through save_for_backward -------------------------------------------------------
-
-def save_packed(ctx, packs: list[Packed], *others: torch.Tensor | None) -> None:
-    """Save the packed tensors (and e.g. the weight) visibly; keep only their layouts on ctx."""
-    ctx.layouts = [dataclasses.replace(p, codes=None, meta=()) for p in packs]
-    ctx.counts = [len(p.tensors()) for p in packs]
-    ctx.save_for_backward(*(t for p in packs for t in p.tensors()), *others)
-
-
-def load_packed(ctx) -> tuple[list[Packed], tuple]:
-    saved, packs, at = ctx.saved_tensors, [], 0
-    for layout, count in zip(ctx.layouts, ctx.counts):
-        packs.append(layout.with_tensors(saved[at: at + count]))
-        at += count
-    return packs, saved[at:]
-
-
-def autocast_inputs(*tensors):
-    """Cast to the autocast dtype, as autocast does for conv/linear/matmul, so that the Function sees (and
-    packs) what the exact op would have computed with; the casts' own backward restores fp32 grads."""
-    t0 = tensors[0]
-    if not torch.is_autocast_enabled(t0.device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(t0.device.type)
-    return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
 
 
 class _Swapped(Claimed):
@@ -111,8 +72,8 @@ class _ConvFn(Function):
     def forward(ctx, x, weight, bias, codec, stride, padding, dilation, groups):
         out = _CONV[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
         save_packed(ctx, [codec.pack(x)], weight)
-        ctx.codec, ctx.shape, ctx.conv = codec, x.shape, (stride, padding, dilation, groups)
-        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.codec, ctx.shape, ctx.has_bias = codec, x.shape, bias is not None
+        ctx.conv = (stride, padding, dilation, groups)
         return out
 
     @staticmethod
@@ -120,12 +81,8 @@ class _ConvFn(Function):
         ctx.codec.observe(grad)
         (packed,), (weight,) = load_packed(ctx)
         x = ctx.codec.unpack(packed).reshape(ctx.shape)
-        stride, padding, dilation, groups = ctx.conv
-        mask = list(ctx.needs_input_grad[:3])
-        mask[2] = mask[2] and ctx.bias_shape is not None
-        gx, gw, gb = torch.ops.aten.convolution_backward(grad, x, weight, ctx.bias_shape, stride, padding,
-                                                         dilation, False, [0] * len(stride), groups, mask)
-        return gx, gw, gb, None, None, None, None, None
+        grads = conv_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad, *ctx.conv)
+        return *grads, None, None, None, None, None
 
 
 def _conv_padding(m: nn.modules.conv._ConvNd) -> tuple[int, ...]:
@@ -178,14 +135,8 @@ class _LinearFn(Function):
     def backward(ctx, grad):
         ctx.codec.observe(grad)
         (packed,), (weight,) = load_packed(ctx)
-        grad2 = grad.reshape(-1, grad.shape[-1])
-        gx = grad.matmul(weight) if ctx.needs_input_grad[0] else None
-        if ctx.needs_input_grad[1]:
-            gw = grad2.t().mm(ctx.codec.unpack(packed).reshape(-1, weight.shape[1]))
-        else:
-            gw = None
-        gb = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb, None
+        x = ctx.codec.unpack(packed) if ctx.needs_input_grad[1] else None  # decoded only where it is needed
+        return *linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad), None
 
 
 class CompressedLinear(_Swapped, nn.Linear):

@@ -18,7 +18,7 @@ import torch
 
 from actmem import compress
 from actmem.compress import grid, index, split
-from actmem.strategies.forward_ad_kernel import value_and_derivative
+from actmem.compress.triton_activation import value_and_derivative
 from actmem.suite.base import Context, Table, register
 
 TARGET, GOAL = 0.60, 0.80

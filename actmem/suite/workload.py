@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
 
 from actmem import models, strategies
+from actmem.strategies.base import replace_modules
 from actmem.strategies.checkpoint import Checkpointed
 from actmem.strategies.forward_ad import Deferred, find_pairs
 
@@ -105,10 +106,11 @@ def recompute_pairs(model: nn.Module) -> nn.Module:
     """Checkpoint each σ -> f2 pair that forward_ad would fuse (keeps σ's input, reruns σ and f2 in
     backward): recomputation at forward_ad's granularity and memory, the forward-AD paper's baseline."""
     modules = dict(model.named_modules())
+    new = {}
     for act, layer in find_pairs(model):
-        for name, new in ((layer, Checkpointed(nn.Sequential(modules[act], modules[layer]))), (act, Deferred())):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, new)
+        new[modules[layer]] = Checkpointed.swap(nn.Sequential(modules[act], modules[layer]))
+        new[modules[act]] = Deferred()
+    replace_modules(model, lambda name, m: m in new, new.get)
     return model
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from actmem import compress
 from actmem.compress import grid, index, packing, split
-from actmem.strategies.forward_ad_kernel import KINDS, value_and_derivative
+from actmem.compress.triton_activation import KINDS, value_and_derivative
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import copy
 import heapq
-import importlib.util
 
 import pytest
 import torch
 import torch.nn as nn
-from helpers import REPO
+from helpers import FORWARD_MODELS, mean_gradient_errors
 
-from actmem import data, models, strategies
-from actmem.errors import StrategyError
+from actmem import models, strategies
+from actmem.errors import ConfigError, StrategyError
 from actmem.measure import activation_bytes, saved_bytes_by_module
 from actmem.strategies.actnn import BitAllocator, GroupCodec, greedy_bits
 from actmem.strategies.layers import CompressedBatchNorm2d, CompressedConv2d, MaskedReLU
 
-MODELS = {  # name: (build kwargs, input shape)
-    "resnet18": ({}, (4, 3, 32, 32)),
-    "resnet20": ({}, (4, 3, 32, 32)),
-    "preact_resnet56": ({}, (4, 3, 32, 32)),
-    "densenet121": ({}, (2, 3, 32, 32)),
-    "vit_tiny": ({"depth": 2}, (2, 3, 32, 32)),
-    "resnet50": ({}, (2, 3, 64, 64)),
-}
+MODELS = FORWARD_MODELS
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -132,22 +124,6 @@ def test_l3_budgets_follow_ranges_and_gradients():
     assert float((budgets * elements).sum() / elements.sum()) <= 2.0
 
 
-def _mean_gradient_errors(model, x, counts, **cfg):
-    exact = copy.deepcopy(model)
-    exact(x).square().sum().backward()
-    g_exact = torch.cat([p.grad.flatten() for p in exact.parameters()]).double()
-    twin = strategies.apply(model, "actnn", **cfg)
-    total, errors = torch.zeros_like(g_exact), []
-    for k in range(1, max(counts) + 1):
-        twin.zero_grad()
-        torch.manual_seed(k)
-        twin(x).square().sum().backward()
-        total += torch.cat([p.grad.flatten() for p in twin.parameters()]).double()
-        if k in counts:
-            errors.append(float((total / k - g_exact).norm() / g_exact.norm()))
-    return errors
-
-
 @pytest.mark.parametrize("level", ["L2", "L3"])
 def test_gradients_are_unbiased(level):
     """The error of the mean gradient over k seeds falls like 1/sqrt(k): 16x the seeds, about 4x less
@@ -155,36 +131,23 @@ def test_gradients_are_unbiased(level):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    few, many = _mean_gradient_errors(model, torch.randn(4, 3, 16, 16), (8, 128), level=level, bits=2)
+    few, many = mean_gradient_errors(model, torch.randn(4, 3, 16, 16), (8, 128), "actnn", level=level, bits=2)
     assert many < few / 3
 
 
 def test_uniform_codec_and_refusals():
     model = strategies.apply(models.build("resnet20", num_classes=10), "actnn", level="L1", bits=8)
     assert isinstance(model.conv1.codec, GroupCodec) and model.conv1.codec.bits == 8
-    with pytest.raises(StrategyError, match="uniform width"):
-        strategies.apply(models.build("resnet20", num_classes=10), "actnn", level="L2", bits=3)
-    with pytest.raises(StrategyError, match="L3.1"):
-        strategies.apply(models.build("resnet20", num_classes=10), "actnn", level="L4")
-    with pytest.raises(StrategyError, match="L0"):
-        strategies.apply(models.build("resnet20", num_classes=10), "actnn", level="L0", bits=2)
-    with pytest.raises(StrategyError, match="average budget"):
-        strategies.apply(models.build("resnet20", num_classes=10), "actnn", bits=9)
+    # bad settings are refused when the config is resolved, before any model is built
+    with pytest.raises(ConfigError, match="strategy.bits=3: at L2 it is a uniform width"):
+        strategies.resolve("actnn", level="L2", bits=3)
+    with pytest.raises(ConfigError, match="strategy.level='L4'.*L3.1"):
+        strategies.resolve("actnn", level="L4")
+    with pytest.raises(ConfigError, match="strategy.bits: actnn level L0"):
+        strategies.resolve("actnn", level="L0", bits=2)
+    with pytest.raises(ConfigError, match="strategy.bits=9: at L3 it is the average budget"):
+        strategies.resolve("actnn", bits=9)
+    with pytest.raises(ConfigError, match="strategy.group_size=12"):
+        strategies.resolve("actnn", group_size=12)
     with pytest.raises(StrategyError, match="nothing to compress"):
         strategies.apply(nn.Sequential(nn.Flatten(), nn.GELU()), "actnn")
-
-
-def test_gradient_fidelity_on_a_real_batch(cifar10_root):
-    """resnet20, 32 CIFAR-10 images, fresh weights: scripts/gradient_fidelity.py's measurement (the
-    full table for resnet18 / preact_resnet56 is in results/gradient-fidelity.md)."""
-    spec = importlib.util.spec_from_file_location("gradient_fidelity", REPO / "scripts" / "gradient_fidelity.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    bundle = data.build({"name": "cifar10", "root": str(cifar10_root), "train_subset": 32, "augment": False},
-                        batch_size=32, device="cpu", seed=0)
-    x, y = next(iter(bundle.train))
-    torch.manual_seed(0)
-    model = models.build("resnet20", num_classes=10)
-    r = script.fidelity(model, x, y, {"name": "actnn"}, seeds=2)
-    assert r["cos"] > 0.96 and r["rel_var"] < 0.07  # measured 0.977, 0.048, 12.3x
-    assert activation_bytes(model, x) / r["bytes"] > 12

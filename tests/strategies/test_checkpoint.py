@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from actmem import models, strategies
-from actmem.errors import StrategyError
+from actmem.errors import ConfigError, StrategyError
 from actmem.measure import activation_bytes
 from actmem.strategies.checkpoint import Checkpointed
 
@@ -28,6 +28,7 @@ def test_same_forward_gradients_and_bn_stats(name, granularity):
     kw = {"depth": 2} if name == "vit_tiny" else {}
     exact, ckpt = _pair(name, granularity, **kw)
     assert any(isinstance(m, Checkpointed) for m in ckpt.modules())
+    assert list(ckpt.state_dict()) == list(exact.state_dict())  # the block itself, not a wrapper
     x = torch.randn(4, 3, 32, 32)
     out_e, out_c = exact(x), ckpt(x)
     assert torch.equal(out_e, out_c)
@@ -53,5 +54,5 @@ def test_stage_keeps_fewer_bytes_than_block():
 def test_refuses_model_without_blocks_and_unknown_granularity():
     with pytest.raises(StrategyError, match="found no block"):
         strategies.apply(nn.Sequential(nn.Flatten(), nn.Linear(3072, 10)), "checkpoint")
-    with pytest.raises(StrategyError, match="granularity"):
+    with pytest.raises(ConfigError, match="strategy.granularity"):
         strategies.apply(models.build("resnet20", num_classes=10), "checkpoint", granularity="layer")

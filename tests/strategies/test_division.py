@@ -2,26 +2,18 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
 import torch.nn as nn
-from helpers import REPO
+from helpers import FORWARD_MODELS, mean_gradient_errors
 
-from actmem import data, models, strategies
-from actmem.errors import StrategyError
+from actmem import models, strategies
+from actmem.errors import ConfigError, StrategyError
 from actmem.measure import activation_bytes, saved_bytes_by_module
 from actmem.strategies.layers import CompressedBatchNorm2d, CompressedConv2d, CompressedLinear, MaskedReLU
 
-MODELS = {  # name: (build kwargs, input shape)
-    "resnet18": ({}, (4, 3, 32, 32)),
-    "resnet20": ({}, (4, 3, 32, 32)),
-    "preact_resnet56": ({}, (4, 3, 32, 32)),
-    "densenet121": ({}, (2, 3, 32, 32)),
-    "vit_tiny": ({"depth": 2}, (2, 3, 32, 32)),
-    "resnet50": ({}, (2, 3, 64, 64)),
-}
+MODELS = FORWARD_MODELS
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -74,53 +66,20 @@ def test_single_pixel_maps_are_kept_uncompressed():
     assert activation_bytes(conv, x) == x.numel() * 4
 
 
-def _mean_gradient_errors(model, x, counts):
-    """Relative error of the gradient averaged over the first k seeds, for each k in counts."""
-    exact = copy.deepcopy(model)
-    exact(x).square().sum().backward()
-    g_exact = torch.cat([p.grad.flatten() for p in exact.parameters()]).double()
-    twin = strategies.apply(model, "division", bits=2)
-    total, errors = torch.zeros_like(g_exact), []
-    for k in range(1, max(counts) + 1):
-        twin.zero_grad()
-        torch.manual_seed(k)
-        twin(x).square().sum().backward()
-        total += torch.cat([p.grad.flatten() for p in twin.parameters()]).double()
-        if k in counts:
-            errors.append(float((total / k - g_exact).norm() / g_exact.norm()))
-    return errors
-
-
 def test_gradients_are_unbiased():
     """The error of the mean gradient over k seeds falls like 1/sqrt(k): 16x the seeds, about 4x less
     error (no floor from a bias)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3),
                           nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    few, many = _mean_gradient_errors(model, torch.randn(4, 3, 16, 16), (8, 128))
+    few, many = mean_gradient_errors(model, torch.randn(4, 3, 16, 16), (8, 128), "division", bits=2)
     assert many < few / 3
 
 
 def test_refusals():
-    with pytest.raises(StrategyError, match="bits"):
-        strategies.apply(models.build("resnet20", num_classes=10), "division", bits=9)
-    with pytest.raises(StrategyError, match="block"):
-        strategies.apply(models.build("resnet20", num_classes=10), "division", block=0)
+    with pytest.raises(ConfigError, match="strategy.bits=9"):
+        strategies.resolve("division", bits=9)
+    with pytest.raises(ConfigError, match="strategy.block=0"):
+        strategies.resolve("division", block=0)
     with pytest.raises(StrategyError, match="nothing to compress"):
         strategies.apply(nn.Sequential(nn.Flatten(), nn.GELU()), "division")
-
-
-def test_gradient_fidelity_on_a_real_batch(cifar10_root):
-    """resnet20, 32 CIFAR-10 images, fresh weights: scripts/gradient_fidelity.py's measurement (the
-    full table for resnet18 / preact_resnet56 is in results/gradient-fidelity.md)."""
-    spec = importlib.util.spec_from_file_location("gradient_fidelity", REPO / "scripts" / "gradient_fidelity.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    bundle = data.build({"name": "cifar10", "root": str(cifar10_root), "train_subset": 32, "augment": False},
-                        batch_size=32, device="cpu", seed=0)
-    x, y = next(iter(bundle.train))
-    torch.manual_seed(0)
-    model = models.build("resnet20", num_classes=10)
-    r = script.fidelity(model, x, y, {"name": "division"}, seeds=2)
-    assert r["cos"] > 0.92 and r["rel_var"] < 0.18  # measured 0.940, 0.132, 11.3x
-    assert activation_bytes(model, x) / r["bytes"] > 11

@@ -10,28 +10,13 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from helpers import REPO
 
 from actmem import models, strategies
 from actmem.errors import StrategyError
 from actmem.measure import saved_bytes_by_module
+from actmem.models.primitives import GeluTanh, MishPrim, Swish
 from actmem.strategies.forward_ad import Deferred, NestedConv2d, NestedLinear, find_pairs
-
-
-class GeluTanh(nn.Module):  # activations written in primitives: autograd keeps several intermediates
-    def forward(self, x):
-        return 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x**3)))
-
-
-class MishPrim(nn.Module):
-    def forward(self, x):
-        return x * torch.tanh(F.softplus(x))
-
-
-class Swish(nn.Module):
-    def forward(self, x):
-        return x * torch.sigmoid(x)
 
 
 def _pair(name, **kw):
@@ -160,12 +145,12 @@ def test_refusals():
 
 TRITON_CHECK = """
 import torch, torch.nn as nn
-from actmem.strategies import forward_ad_kernel
+from actmem.compress import triton_activation
 from actmem.strategies.forward_ad import kernel_kind, NestedLinear
 x = torch.cat([torch.randn(3000) * 4, torch.tensor([0.0, 19.9, 20.1, -30.0, 30.0])])
 for act in (nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Mish()):
     for dtype, tol in ((torch.float32, 3e-6), (torch.bfloat16, 2e-2)):
-        y, d = forward_ad_kernel.value_and_derivative(x.to(dtype), kernel_kind(act))
+        y, d = triton_activation.value_and_derivative(x.to(dtype), kernel_kind(act))
         y0, d0 = torch.func.jvp(act, (x.double(),), (torch.ones_like(x, dtype=torch.float64),))
         assert y.dtype == d.dtype == dtype
         torch.testing.assert_close(y.double(), y0, rtol=tol, atol=tol)

@@ -11,7 +11,8 @@ import torch.nn as nn
 from actmem.compress.packed import Packed
 from actmem.measure import saved_bytes_by_module
 from actmem.models.base import MatMul
-from actmem.strategies.layers import Codec, CompressedSoftmax, keep, swap_layers
+from actmem.strategies.layers import Codec, CompressedSoftmax, swap_layers
+from actmem.strategies.ops import keep
 
 
 class KeepCodec(Codec):
