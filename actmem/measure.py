@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from actmem.memtrack import Peak, track_step
+
 
 def _batch_input(batch):
     return batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -92,6 +94,28 @@ def saved_bytes_by_module(model: nn.Module, batch, **kw) -> dict[str, int]:
 def activation_bytes(model: nn.Module, batch, **kw) -> int:
     """Bytes held for backward by one forward pass of `model` on `batch` (docs/contracts.md)."""
     return sum(saved_bytes_by_module(model, batch, **kw).values())
+
+
+def step_peak(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *,
+              autocast_dtype: torch.dtype | None = None, loss_fn=nn.functional.cross_entropy) -> Peak:
+    """The peak of live tensor bytes during one whole training step of `model` on `batch` (forward,
+    backward, optimizer step, zero_grad), split by role (actmem.memtrack). It is a real step: the weights,
+    optimizer state and BatchNorm statistics move, as in training."""
+    x, y = batch
+    device = x.device
+
+    def step(mark):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = loss_fn(model(x), y)
+        mark("backward")
+        loss.backward()
+        del loss
+        mark("optimizer")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    return track_step(model, optimizer, step, inputs=(x, y), device=device)
 
 
 def reset_peak_rss() -> None:
