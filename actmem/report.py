@@ -11,7 +11,8 @@ import pandas as pd
 
 MB = 2**20
 COLUMNS = ["dataset", "model", "strategy", "bits", "batch", "status", "epochs", "test_acc", "activation_MB",
-           "activation_ratio", "peak_memory_MB", "peak_rss_MB", "img_per_s", "throughput_vs_exact", "run"]
+           "activation_ratio", "step_peak_MB", "peak_memory_MB", "peak_rss_MB", "img_per_s", "throughput_vs_exact",
+           "run"]
 
 
 def _bits(strategy_config: dict | None) -> str | None:
@@ -38,7 +39,8 @@ def load_runs(paths) -> pd.DataFrame:
                 "bits": _bits(s.get("strategy_config")), "batch": s.get("batch_size"), "status": s.get("status"),
                 "epochs": s.get("epochs"), "test_acc": s.get("test_acc"),
                 "activation_MB": mb(s.get("activation_bytes")), "activation_ratio": s.get("activation_ratio"),
-                "peak_memory_MB": mb(s.get("peak_memory_bytes")), "peak_rss_MB": mb(s.get("peak_rss_bytes")),
+                "step_peak_MB": mb(s.get("peak_tensor_bytes")), "peak_memory_MB": mb(s.get("peak_memory_bytes")),
+                "peak_rss_MB": mb(s.get("peak_rss_bytes")),
                 "img_per_s": s.get("throughput_img_s"), "run": str(f.parent),
             })
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "throughput_vs_exact"])

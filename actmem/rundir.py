@@ -95,8 +95,9 @@ class RunDirectory:
             "batch_size": cfg.trainer.batch_size, "epochs": 0, "steps": 0, "seed": cfg.seed, "device": None,
             "test_acc": None, "best_test_acc": None, "train_loss": None,
             "activation_bytes": None, "activation_bytes_exact": None, "activation_ratio": None,
-            "peak_memory_bytes": None, "peak_rss_bytes": None, "throughput_img_s": None,
-            "wall_time_s": None, "versions": versions(), "git_commit": git_commit(), "config": self.config,
+            "peak_tensor_bytes": None, "peak_breakdown": None, "peak_memory_bytes": None, "peak_rss_bytes": None,
+            "throughput_img_s": None, "wall_time_s": None, "versions": versions(), "git_commit": git_commit(),
+            "config": self.config,
         }
         try:
             self.update()

@@ -1,6 +1,7 @@
 """Entry point: `python -m actmem.train [hydra overrides]` (docs/contracts.md: command line and run directory)."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ from actmem import data, models, strategies
 from actmem.config import register_configs, validate
 from actmem.engine import Precision, evaluate, train_epoch
 from actmem.errors import ActmemError, ConfigError, DivergedError
-from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes, reset_peak_rss
+from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes, reset_peak_rss, step_peak
 from actmem.optim import build_optimizer, build_scheduler
 from actmem.rundir import RunDirectory, paragraph
 
@@ -70,6 +71,16 @@ def measure_activations(model: nn.Module, batch, precision: Precision) -> int:
     return activation_bytes(model, x, autocast_dtype=precision.dtype)
 
 
+def measure_step_peak(model: nn.Module, optimizer, batch, precision: Precision):
+    """The step peak of live tensor bytes (measure.step_peak) on copies of the model and optimizer, so
+    training starts untouched: the first step makes the optimizer state, the second is the one measured."""
+    model, optimizer = copy.deepcopy((model, optimizer))
+    x, y = precision.prepare(batch[0]), batch[1]
+    for _ in range(2):
+        peak = step_peak(model, (x, y), optimizer, autocast_dtype=precision.dtype)
+    return peak
+
+
 def run(cfg: DictConfig, directory: RunDirectory) -> None:
     t_start = time.perf_counter()
     reset_peak_rss()
@@ -94,7 +105,6 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
     strategy_bytes = measure_activations(model, probe, precision) if probe else None
     directory.update(activation_bytes=strategy_bytes, activation_bytes_exact=exact_bytes,
                      activation_ratio=exact_bytes / strategy_bytes if probe and strategy_bytes else None)
-    del probe
 
     steps_per_epoch = len(bundle.train)
     total_steps = trainer.epochs * steps_per_epoch
@@ -104,6 +114,10 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
     scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, cfg.optim)
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     test_loss_fn = nn.CrossEntropyLoss()
+    if probe:
+        peak = measure_step_peak(model, optimizer, probe, precision)
+        directory.update(peak_tensor_bytes=peak.bytes, peak_breakdown={**peak.breakdown, "phase": peak.phase})
+    del probe
 
     state = directory.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
                              device=device)

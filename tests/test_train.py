@@ -14,8 +14,8 @@ from helpers import REPO, run_train
 SPEC_FIELDS = {
     "status", "dataset", "model", "strategy", "strategy_config", "batch_size", "epochs", "steps", "seed",
     "device", "test_acc", "best_test_acc", "train_loss", "activation_bytes", "activation_bytes_exact",
-    "activation_ratio", "peak_memory_bytes", "peak_rss_bytes", "throughput_img_s", "wall_time_s", "versions",
-    "git_commit",
+    "activation_ratio", "peak_tensor_bytes", "peak_breakdown", "peak_memory_bytes", "peak_rss_bytes",
+    "throughput_img_s", "wall_time_s", "versions", "git_commit",
 }
 METRIC_FIELDS = {"epoch", "step", "split", "loss", "acc", "lr", "img_per_s", "time"}
 
@@ -32,6 +32,9 @@ def test_smoke_run_writes_complete_summary(tmp_path):
     assert summary["activation_bytes"] == summary["activation_bytes_exact"] > 0
     assert summary["activation_ratio"] == 1.0
     assert summary["peak_rss_bytes"] > summary["activation_bytes"]
+    breakdown = summary["peak_breakdown"]  # exact: the step peaks as backward starts, all activations alive
+    assert summary["peak_tensor_bytes"] == sum(v for k, v in breakdown.items() if k != "phase")
+    assert breakdown["activations"] > 0.99 * summary["activation_bytes"] and breakdown["phase"] == "backward"
     assert summary["throughput_img_s"] > 0 and 0 <= summary["test_acc"] <= 100
     assert set(summary["versions"]) == {"python", "torch", "triton", "actmem"}
     assert summary["strategy_config"] == {"name": "exact"}
