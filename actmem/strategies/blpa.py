@@ -130,14 +130,15 @@ class _ConvFromCodeFn(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, code, stride, padding, dilation, groups):
         save_packed(ctx, [code.packed], weight, code.gamma.detach())
-        ctx.conv, ctx.has_bias = (stride, padding, dilation, groups), bias is not None
+        ctx.conv, ctx.has_bias, ctx.shape = (stride, padding, dilation, groups), bias is not None, x.shape
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad):
         (packed,), (weight, gamma) = load_packed(ctx)
-        y_hat = rebuild_input(packed, gamma).to(weight.dtype)
-        return *conv_backward(grad, y_hat, weight, ctx.has_bias, ctx.needs_input_grad, *ctx.conv), *[None] * 5
+        rebuild = lambda: rebuild_input(packed, gamma).to(weight.dtype)  # noqa: E731
+        grads = conv_backward(grad, rebuild, ctx.shape, weight, ctx.has_bias, ctx.needs_input_grad, *ctx.conv)
+        return *grads, *[None] * 5
 
 
 # --- the swapped modules ----------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ class NestedLinear(_Nested, nn.Linear):
         return F.linear(y, weight, bias)
 
     def op_backward(self, grad, y, weight, has_bias, need):
-        return linear_backward(grad, y, weight, has_bias, need)
+        return linear_backward(grad, lambda: y, weight, has_bias, need)
 
 
 class _NestedConv(_Nested):
@@ -120,7 +120,8 @@ class _NestedConv(_Nested):
         return self._conv_forward(y, weight, bias)
 
     def op_backward(self, grad, y, weight, has_bias, need):
-        return conv_backward(grad, y, weight, has_bias, need, self.stride, self.padding, self.dilation, self.groups)
+        return conv_backward(grad, lambda: y, y.shape, weight, has_bias, need, self.stride, self.padding,
+                             self.dilation, self.groups)
 
 
 class NestedConv1d(_NestedConv, nn.Conv1d):

@@ -80,8 +80,8 @@ class _ConvFn(Function):
     def backward(ctx, grad):
         ctx.codec.observe(grad)
         (packed,), (weight,) = load_packed(ctx)
-        x = ctx.codec.unpack(packed).reshape(ctx.shape)
-        grads = conv_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad, *ctx.conv)
+        rebuild = lambda: ctx.codec.unpack(packed).reshape(ctx.shape)  # noqa: E731
+        grads = conv_backward(grad, rebuild, ctx.shape, weight, ctx.has_bias, ctx.needs_input_grad, *ctx.conv)
         return *grads, None, None, None, None, None
 
 
@@ -135,8 +135,8 @@ class _LinearFn(Function):
     def backward(ctx, grad):
         ctx.codec.observe(grad)
         (packed,), (weight,) = load_packed(ctx)
-        x = ctx.codec.unpack(packed) if ctx.needs_input_grad[1] else None  # decoded only where it is needed
-        return *linear_backward(grad, x, weight, ctx.has_bias, ctx.needs_input_grad), None
+        rebuild = lambda: ctx.codec.unpack(packed)  # noqa: E731
+        return *linear_backward(grad, rebuild, weight, ctx.has_bias, ctx.needs_input_grad), None
 
 
 class CompressedLinear(_Swapped, nn.Linear):

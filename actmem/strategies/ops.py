@@ -5,7 +5,8 @@
 - `autocast_inputs`: cast as autocast casts conv/linear/matmul inputs, so a Function packs the values
   the exact op computes with.
 - `conv_backward` / `linear_backward`: the layer's backward from a rebuilt (decoded or recomputed)
-  input; the input gradient needs only the weight, so it stays exact.
+  input, rebuilt only for the weight gradient and dropped before the input gradient is made; the input
+  gradient needs only the weight, so it stays exact.
 """
 from __future__ import annotations
 
@@ -53,19 +54,30 @@ def autocast_inputs(*tensors):
     return tuple(t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
 
 
-def conv_backward(grad, x, weight, has_bias: bool, need, stride, padding, dilation, groups):
-    """(grad_x, grad_weight, grad_bias) of an N-d convolution with integer zero padding, from input x;
-    `need` says which of the three to compute (None for the others)."""
-    mask = [need[0], need[1], need[2] and has_bias]
-    bias_sizes = [weight.shape[0]] if mask[2] else None
-    return torch.ops.aten.convolution_backward(grad, x, weight, bias_sizes, stride, padding, dilation, False,
-                                               [0] * len(stride), groups, mask)
+def conv_backward(grad, rebuild, shape, weight, has_bias: bool, need, stride, padding, dilation, groups):
+    """(grad_x, grad_weight, grad_bias) of an N-d convolution with integer zero padding; `need` says which
+    to compute (None for the others). The weight and bias gradients come first, from `rebuild()` (the
+    decoded or recomputed input, dropped right after); the input gradient needs only the input's `shape`
+    (a one-element placeholder stands in, as in torch.nn.grad.conv2d_input), so the rebuilt input and the
+    input gradient, each as large as the input, are never alive together."""
+    gx = gw = gb = None
+    if need[1] or (need[2] and has_bias):
+        mask = [False, need[1], need[2] and has_bias]
+        _, gw, gb = torch.ops.aten.convolution_backward(
+            grad, rebuild(), weight, [weight.shape[0]] if mask[2] else None, stride, padding, dilation, False,
+            [0] * len(stride), groups, mask)
+    if need[0]:
+        gx = torch.ops.aten.convolution_backward(
+            grad, grad.new_empty(1).expand(shape), weight, None, stride, padding, dilation, False,
+            [0] * len(stride), groups, [True, False, False])[0]
+    return gx, gw, gb
 
 
-def linear_backward(grad, x, weight, has_bias: bool, need):
-    """(grad_x, grad_weight, grad_bias) of F.linear over any leading dims, from input x."""
+def linear_backward(grad, rebuild, weight, has_bias: bool, need):
+    """(grad_x, grad_weight, grad_bias) of F.linear over any leading dims; the weight gradient first, from
+    `rebuild()` (dropped right after), then the input gradient, which needs only the weight."""
     rows = grad.reshape(-1, grad.shape[-1])
-    gx = grad.matmul(weight) if need[0] else None
-    gw = rows.t().mm(x.reshape(-1, weight.shape[1])) if need[1] else None
+    gw = rows.t().mm(rebuild().reshape(-1, weight.shape[1])) if need[1] else None
     gb = rows.sum(0) if need[2] and has_bias else None
+    gx = grad.matmul(weight) if need[0] else None
     return gx, gw, gb
