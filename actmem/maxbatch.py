@@ -26,7 +26,6 @@ from pathlib import Path
 import hydra
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +35,7 @@ from actmem.config import Config, validate
 from actmem.data.cifar import SPECS as CIFAR
 from actmem.engine import Precision
 from actmem.errors import ActmemError, ConfigError
-from actmem.measure import step_peak
+from actmem.measure import step_peak, train_step
 from actmem.optim import build_optimizer
 from actmem.rundir import paragraph, write_json_atomic
 from actmem.train import CONFIG_DIR, check_input, resolve_device
@@ -129,20 +128,12 @@ class Job:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, torch.randint(self.classes, (n,), device=self.device)
 
-    def step(self, model, optimizer, x, y) -> None:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        del loss
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     def peak(self, n: int) -> int:
         """The step peak of a fresh model at batch n, after a warm-up step that creates the optimizer state."""
         model = self.make_model()
         optimizer = self.make_optimizer(model)
         x, y = self.batch(n)
-        self.step(model, optimizer, x, y)
+        train_step(model, (x, y), optimizer, autocast_dtype=self.autocast_dtype)
         return step_peak(model, (x, y), optimizer, autocast_dtype=self.autocast_dtype).bytes
 
 
@@ -176,7 +167,7 @@ class Trials:
         optimizer = job.make_optimizer(model)
         x, y = job.batch(n)
         for _ in range(2):
-            job.step(model, optimizer, x, y)
+            train_step(model, (x, y), optimizer, autocast_dtype=job.autocast_dtype)
         torch.cuda.synchronize(job.device)
         return torch.cuda.max_memory_allocated(job.device)
 

@@ -96,26 +96,29 @@ def activation_bytes(model: nn.Module, batch, **kw) -> int:
     return sum(saved_bytes_by_module(model, batch, **kw).values())
 
 
-def step_peak(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *,
-              autocast_dtype: torch.dtype | None = None, loss_fn=nn.functional.cross_entropy) -> Peak:
-    """The peak of live tensor bytes during one whole training step of `model` on `batch` (forward,
-    backward, optimizer step, zero_grad), split by role (actmem.memtrack). It is a real step: the weights,
-    optimizer state and BatchNorm statistics move, as in training."""
+def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *,
+               autocast_dtype: torch.dtype | None = None, loss_fn=nn.functional.cross_entropy,
+               mark=lambda phase: None) -> None:
+    """One plain training step (forward, backward, optimizer step, zero_grad): what memory is measured
+    on. `mark(phase)` is told when it moves on to "backward" and "optimizer"."""
     x, y = batch
-    device = x.device
+    with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = loss_fn(model(x), y)
+    mark("backward")
+    loss.backward()
+    del loss
+    mark("optimizer")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
-    def step(mark):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = loss_fn(model(x), y)
-        mark("backward")
-        loss.backward()
-        del loss
-        mark("optimizer")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
+def step_peak(model: nn.Module, batch, optimizer: torch.optim.Optimizer, **kw) -> Peak:
+    """The peak of live tensor bytes during one `train_step` of `model` on `batch` (its keywords apply),
+    split by role (actmem.memtrack). It is a real step: the weights, optimizer state and BatchNorm
+    statistics move, as in training."""
     model.train()
-    return track_step(model, optimizer, step, inputs=(x, y), device=device)
+    return track_step(model, optimizer, lambda mark: train_step(model, batch, optimizer, mark=mark, **kw),
+                      inputs=batch, device=batch[0].device)
 
 
 def reset_peak_rss() -> None:
