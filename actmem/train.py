@@ -76,8 +76,9 @@ def measure_step_peak(model: nn.Module, optimizer, batch, precision: Precision):
     training starts untouched: the first step makes the optimizer state, the second is the one measured."""
     model, optimizer = copy.deepcopy((model, optimizer))
     x, y = precision.prepare(batch[0]), batch[1]
-    for _ in range(2):
-        peak = step_peak(model, (x, y), optimizer, autocast_dtype=precision.dtype)
+    with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):  # training draws as without it
+        for _ in range(2):
+            peak = step_peak(model, (x, y), optimizer, autocast_dtype=precision.dtype)
     return peak
 
 

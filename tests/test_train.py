@@ -230,3 +230,16 @@ def test_a_run_that_breaks_in_training_records_failed_and_says_whether_a_checkpo
     assert "holds no checkpoint" in said and not (run_dir / "checkpoint.pt").exists()
     summary = _strict_json(run_dir / "summary.json")
     assert summary["status"] == "failed" and "UnidentifiedImageError" in summary["error"]
+
+
+def test_measuring_memory_before_training_leaves_the_training_draws_alone(tmp_path):
+    """The activation and step-peak probes run steps of their own: with stochastic rounding (actnn) the run
+    must train the same with and without them."""
+    base = ["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=16", "model=resnet20", "strategy=actnn",
+            "trainer.batch_size=32", "logger=none"]
+    losses = []
+    for measure in ("true", "false"):
+        res = run_train(*base, f"trainer.measure_activations={measure}", run_dir=tmp_path / measure)
+        assert res.returncode == 0, res.stderr
+        losses.append(json.loads((tmp_path / measure / "summary.json").read_text())["train_loss"])
+    assert losses[0] == losses[1]
