@@ -1,25 +1,31 @@
 """Live tensor bytes over one training step, on any device, and what they were at the peak.
 
-On the principle of PyTorch's own MemTracker (torch.distributed._tools.mem_tracker): a
-TorchDispatchMode sees every storage an op creates, a weak reference to the storage says when it is
-freed, and the sum of live storages is followed op by op. MemTracker splits its peak by phase (what the
-forward made vs the backward); what a user of activation compression needs is the split by role, so this
-one classifies each live storage at the peak as a parameter (or buffer), a gradient, optimizer state, an
-activation saved for backward (seen by `saved_tensors_hooks`), or transient (everything else: outputs not
-yet freed, gradients in flight, decoded activations, workspaces). Each storage counts once, whole; a
-parameter saved for backward stays a parameter.
+The allocations are the allocator's own record: PyTorch's profiler with `profile_memory` logs every
+allocation and free on the device (address, size, time), CPU and CUDA alike. Roles come from markers
+the step leaves in the same record: each storage autograd saves for backward (`saved_tensors_hooks`)
+becomes an activation, each new parameter gradient (post-accumulate hooks) a gradient; parameters,
+buffers, optimizer state and the batch exist before the step. Replaying the record gives the live
+bytes after every allocation, the peak, and its split into parameters (and buffers), gradients,
+optimizer state, activations saved for backward, and transient (everything else: outputs not yet
+freed, gradients in flight, decoded activations, workspaces).
+
+Why not a TorchDispatchMode, as PyTorch's MemTracker (torch.distributed._tools.mem_tracker) is: while
+any dispatch mode is active, autograd takes every tensor for a subclass (at::isTensorSubclassLike), so
+it sums gradients out of place and several backward formulas take their out-of-place branch: the
+backward measured is not the one that trains, and holds one map-sized buffer more at every gradient
+sum (ActNN L3, resnet50 224 b64: backward peak 1147 MiB under a mode, see results/peak-memory.md).
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 ROLES = ("params", "grads", "optimizer", "activations", "transient")
+_MARK = "actmem.memtrack:"  # a marker's name: _MARK + kind + ":" + storage address or phase
 
 
 @dataclass
@@ -28,63 +34,94 @@ class Peak:
     breakdown: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ROLES, 0))
     phase: str = ""  # "forward", "backward" or "optimizer": when it happened
     start_bytes: int = 0  # live bytes when tracking began (parameters, state, the batch)
+    workspace: int = 0  # of the transient bytes, those an op made for itself and frees before it returns
 
 
-class LiveTensors(TorchDispatchMode):
-    """Follows every storage on `device` made while active (and those registered with `track`), with a
-    running sum of live bytes per role, so that each op costs O(1) and the peak's breakdown is a copy."""
+def _mark(kind: str, value) -> None:
+    with record_function(f"{_MARK}{kind}:{value}"):
+        pass
 
-    def __init__(self, device: torch.device):
-        super().__init__()
-        self.device = torch.device(device)
-        self.sizes: dict[int, int] = {}  # id(storage) -> bytes, while it lives
-        self.roles: dict[int, str] = {}
-        self.refs: dict[int, weakref.ref] = {}
+
+def _address(t) -> int | None:
+    return t.untyped_storage().data_ptr() if torch.is_tensor(t) and t.device.type != "meta" else None
+
+
+class _Replay:
+    """Live bytes per role, followed through the profiler's allocation record in time order."""
+
+    def __init__(self, existing: dict[int, tuple[int, str]], phase: str):
+        self.live = dict(existing)  # storage address -> (bytes, role)
         self.sums = dict.fromkeys(ROLES, 0)
-        self.live = 0
-        self.peak = Peak()
-        self.phase = "forward"
+        for nbytes, role in existing.values():
+            self.sums[role] += nbytes
+        self.total = sum(self.sums.values())
+        self.phase = phase
+        self.peak = Peak(self.total, dict(self.sums), phase, self.total)
+        self.inside_ops: set[int] = set()  # addresses of live op workspaces
+        self.workspace = 0
 
-    def track(self, t, role: str = "transient") -> int | None:
-        """Follow t's storage (once); returns its key, None for a tensor on another device."""
-        if not torch.is_tensor(t) or t.device.type != self.device.type or t.is_meta:
-            return None
-        storage = t.untyped_storage()
-        key = id(storage)
-        if key not in self.sizes:
-            self.sizes[key], self.roles[key] = storage.nbytes(), role
-            self.refs[key] = weakref.ref(storage, lambda _, key=key: self._freed(key))
-            self.live += self.sizes[key]
-            self.sums[role] += self.sizes[key]
-        return key
+    def allocation(self, address: int, nbytes: int, workspace: bool) -> None:
+        if nbytes > 0:
+            self.live[address] = (nbytes, "transient")
+            self.sums["transient"] += nbytes
+            self.total += nbytes
+            if workspace:
+                self.inside_ops.add(address)
+                self.workspace += nbytes
+            if self.total > self.peak.bytes:
+                self.peak = Peak(self.total, dict(self.sums), self.phase, self.peak.start_bytes, self.workspace)
+        elif address in self.live:  # frees of blocks made before the step are not in the record
+            size, role = self.live.pop(address)
+            self.sums[role] -= size
+            self.total -= size
+            if address in self.inside_ops:
+                self.inside_ops.remove(address)
+                self.workspace -= size
 
-    def assign(self, t, role: str) -> None:
-        """t's storage now plays `role` (a transient saved for backward, a new gradient); parameters keep
-        theirs."""
-        key = self.track(t)
-        if key is not None and self.roles[key] in ("transient", "activations") and self.roles[key] != role:
-            self.sums[self.roles[key]] -= self.sizes[key]
-            self.sums[role] += self.sizes[key]
-            self.roles[key] = role
+    def assign(self, address: int, role: str) -> None:
+        """The storage at `address` now plays `role`; parameters and buffers keep theirs."""
+        if address in self.live and self.live[address][1] in ("transient", "activations"):
+            size, old = self.live[address]
+            self.live[address] = (size, role)
+            self.sums[old] -= size
+            self.sums[role] += size
 
-    def _freed(self, key: int) -> None:
-        nbytes = self.sizes.pop(key, 0)
-        self.live -= nbytes
-        self.sums[self.roles.pop(key, "transient")] -= nbytes
-        self.refs.pop(key, None)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            self.track(t)
-        if self.live > self.peak.bytes:
-            self.peak = Peak(self.live, dict(self.sums), self.phase, self.peak.start_bytes)
-        return out
+def _op_end(event) -> int:
+    """When the outermost aten op around an allocation returns (the allocation's own time if none)."""
+    end = event.start_time_ns
+    while event.parent is not None:
+        event = event.parent
+        if event.name.startswith("aten::"):
+            end = event.end_time_ns
+    return end
 
-    def pack(self, t):
-        """saved_tensors_hooks pack: what autograd keeps is an activation (unless it is a parameter)."""
-        self.assign(t, "activations")
-        return t
+
+def _events(result, device: torch.device):
+    """(time, order, kind, value) of the record's allocations on `device` -- value (address, bytes, whether
+    it is freed before the op that made it returns) -- and of the markers, in time order."""
+    stack, events = list(result.experimental_event_tree()), []
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            f = e.extra_fields
+            if f.device.type == device.type and (device.index is None or f.device.index == device.index):
+                events.append((e.start_time_ns, 0, "alloc", [f.ptr, f.alloc_size, _op_end(e)]))
+        elif e.name.startswith(_MARK):
+            kind, value = e.name[len(_MARK):].split(":", 1)
+            events.append((e.start_time_ns, 1, kind, value))
+    events.sort(key=lambda ev: ev[:2])
+    made: dict[int, list] = {}  # address -> its allocation's value, while live
+    for time, _, kind, value in events:
+        if kind == "alloc" and value[1] > 0:
+            made[value[0]] = value
+        elif kind == "alloc" and value[0] in made:
+            allocation = made.pop(value[0])
+            allocation[2] = time <= allocation[2]
+    for value in made.values():  # alive at the end of the step: not a workspace
+        value[2] = False
+    return events
 
 
 def track_step(model: nn.Module, optimizer, step, inputs=(), device="cpu") -> Peak:
@@ -92,24 +129,36 @@ def track_step(model: nn.Module, optimizer, step, inputs=(), device="cpu") -> Pe
     counting parameters, buffers, gradients, optimizer state and `inputs` that exist before it. `step`
     calls `mark(phase)` -- it is given one -- when it moves from forward to backward to optimizer.
     Optimizer state made during the step (a first step) counts as transient: warm up first."""
-    tracker = LiveTensors(device)
+    device = torch.device(device)
     state = [v for s in (optimizer.state.values() if optimizer else ()) for v in s.values()]
     params = list(model.parameters())
+    existing: dict[int, tuple[int, str]] = {}
     for role, tensors in (("params", [*params, *model.buffers()]), ("grads", [p.grad for p in params]),
                           ("optimizer", state), ("transient", inputs)):
         for t in tensors:
-            tracker.track(t, role)
-    tracker.peak = Peak(tracker.live, dict(tracker.sums), "forward", tracker.live)
-    hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.assign(p.grad, "grads"))
+            if torch.is_tensor(t) and t.device.type == device.type and _address(t) not in existing:
+                existing[_address(t)] = (t.untyped_storage().nbytes(), role)
+
+    def saved(t):
+        _mark("activations", _address(t))
+        return t
+
+    hooks = [p.register_post_accumulate_grad_hook(lambda p: _mark("grads", _address(p.grad)))
              for p in params if p.requires_grad]
-
-    def mark(phase: str) -> None:
-        tracker.phase = phase
-
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     try:
-        with tracker, torch.autograd.graph.saved_tensors_hooks(tracker.pack, lambda t: t):
-            step(mark)
+        with profile(activities=activities, profile_memory=True) as prof, \
+                torch.autograd.graph.saved_tensors_hooks(saved, lambda t: t):
+            step(lambda phase: _mark("phase", phase))
     finally:
         for h in hooks:
             h.remove()
-    return tracker.peak
+    replay = _Replay(existing, "forward")
+    for _, _, kind, value in _events(prof.profiler.kineto_results, device):
+        if kind == "alloc":
+            replay.allocation(value[0], value[1], value[2] is True)
+        elif kind == "phase":
+            replay.phase = value
+        elif value != "None":
+            replay.assign(int(value), kind)
+    return replay.peak

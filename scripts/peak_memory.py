@@ -41,11 +41,12 @@ def measure(model_name: str, classes: int, shape, spec: str):
 def table(rows) -> str:
     exact_saved, exact_peak = rows[0][1], rows[0][2].bytes
     lines = ["| strategy | saved for backward | ratio | step peak | ratio | when | "
-             + " | ".join(ROLES) + " |", "|---|---:|---:|---:|---:|---|" + "---:|" * len(ROLES)]
+             + " | ".join(ROLES) + " | of which op workspaces |",
+             "|---|---:|---:|---:|---:|---|" + "---:|" * (len(ROLES) + 1)]
     for spec, saved, peak in rows:
         lines.append(f"| `{spec}` | {saved / MiB:.1f} MiB | {exact_saved / saved:.2f}x | {peak.bytes / MiB:.1f} MiB | "
                      f"{exact_peak / peak.bytes:.2f}x | {peak.phase} | "
-                     + " | ".join(f"{peak.breakdown[r] / MiB:.1f}" for r in ROLES) + " |")
+                     + " | ".join(f"{peak.breakdown[r] / MiB:.1f}" for r in ROLES) + f" | {peak.workspace / MiB:.1f} |")
     return "\n".join(lines)
 
 
@@ -60,7 +61,9 @@ def main(argv=None) -> None:
     parts = [f"# Step peak of live tensors per strategy\n\n{head}\n"
              "Breakdown columns in MiB, at the peak: parameters and buffers, gradients, optimizer state (momentum), "
              "activations saved for backward, and transient buffers (outputs not yet freed, gradients in flight, "
-             "decoded inputs, workspaces). `when`: the phase of the step the peak fell in.\n"]
+             "decoded inputs, workspaces); of the transient, the buffers an op made for itself and frees before it "
+             "returns (e.g. oneDNN's reordered copies inside a CPU convolution). `when`: the phase of the step the "
+             "peak fell in. Tracker: actmem.memtrack (the profiler's allocation record, replayed).\n"]
     for title in args.settings:
         model_name, classes, shape = SETTINGS[title]
         rows = []

@@ -1,6 +1,7 @@
 """On CUDA the step peak of live tensors (measure.step_peak) is checked against the allocator's own
-peak, torch.cuda.max_memory_allocated, over the same step: the allocator rounds blocks up (512 B) and
-keeps cuDNN/cuBLAS workspaces the tracker does not see as tensors, so it may read a little higher."""
+peak, torch.cuda.max_memory_allocated, over the same step. The tracker replays the profiler's record of
+that allocator's allocations, so the two differ by the profiler's view of the blocks (requested sizes,
+where the allocator rounds up to 512 B) and by what existed before the step (counted from storage sizes)."""
 from __future__ import annotations
 
 import pytest
