@@ -212,3 +212,44 @@ def test_autocast_forward_is_exact(case):
     for n in g_e:
         assert g_c[n].dtype == torch.float32
         torch.testing.assert_close(g_c[n], g_e[n], rtol=2e-2, atol=2e-2, msg=n)  # bf16 roundings
+
+
+@pytest.mark.parametrize("dims, shape, kernel, stride, padding, dilation, groups", [
+    (2, (4, 6, 11, 9), 3, 2, 1, 1, 1), (2, (2, 8, 10, 10), 3, 1, 2, 2, 4), (1, (3, 4, 17), 5, 3, 2, 1, 2),
+    (3, (2, 2, 5, 6, 7), 3, 2, 1, 1, 1)])
+def test_the_input_gradient_is_convolution_backwards_bit_for_bit(dims, shape, kernel, stride, padding, dilation,
+                                                                   groups):
+    """conv_backward makes the input gradient as a transposed convolution (no input needed); it must be
+    the very tensor convolution_backward makes from the input."""
+    from actmem.strategies.ops import conv_backward
+
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    weight = torch.randn(shape[1] * 2 // groups * groups, shape[1] // groups, *[kernel] * dims)
+    conv = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}[dims]
+    grad = torch.randn_like(conv(x, weight, None, stride, padding, dilation, groups))
+    conv_args = ([stride] * dims, [padding] * dims, [dilation] * dims)
+    gx, _, _ = conv_backward(grad, lambda: x, x.shape, weight, False, (True, False, False), *conv_args, groups)
+    want = torch.ops.aten.convolution_backward(grad, x, weight, None, *conv_args, False, [0] * dims, groups,
+                                               [True, False, False])[0]
+    assert gx.shape == x.shape and torch.equal(gx, want)
+
+
+def test_gradients_in_batch_chunks_are_the_whole_batchs(monkeypatch):
+    """On CPU the backward's convolutions run on chunks of the batch (bounding oneDNN's copies); with chunks
+    of two samples the gradients must equal the one-call ones to fp32 rounding (oneDNN may pick another
+    algorithm for another batch size; the weight and bias gradients are sums over the chunks)."""
+    from actmem.strategies import ops
+
+    torch.manual_seed(0)
+    x, weight = torch.randn(7, 4, 9, 9), torch.randn(6, 4, 3, 3)
+    grad = torch.randn(7, 6, 5, 5)
+    args = ([2, 2], [1, 1], [1, 1])
+    monkeypatch.setattr(ops, "CPU_CHUNK", 2 * x[0].numel() * x.element_size())
+    assert len(ops._batch_chunks(x.shape, x.dtype, x.device, 2)) == 4
+    gx, gw, gb = ops.conv_backward(grad, lambda: x, x.shape, weight, True, (True, True, True), *args, 1)
+    want_x, want_w, want_b = torch.ops.aten.convolution_backward(grad, x, weight, [6], *args, False, [0, 0], 1,
+                                                                 [True, True, True])
+    torch.testing.assert_close(gx, want_x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, want_b, rtol=1e-5, atol=1e-5)
