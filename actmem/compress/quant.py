@@ -20,10 +20,12 @@ zeros, as after a ReLU, for fp32). ActNN stores scale = 1 / step; the step is st
 step is capped at 65504, so a 1-bit fp16 group spanning more than that is clamped at its top.)
 
 The torch reference works through the groups in slabs of SLAB elements so that its float32
-temporaries stay in cache, and draws u on a 2^-16 lattice, (r + 1/2) / 2^16 with r 16 random bits
-of a torch.Generator: the mean is exactly 1/2, the bias of a rounding at most 2^-17 of a step, at
-a quarter of the generator calls of torch.rand (the generator is serial on CPU). The Triton kernels
-(triton_quant.py) use Philox's float32 `tl.rand`.
+temporaries stay in cache, and so that nothing but the output is as large as the input: a slab of
+padded groups is copied from x on its own, and each slab's codes are packed straight into their
+bytes of the output (and decoded from there). It draws u on a 2^-16 lattice, (r + 1/2) / 2^16 with
+r 16 random bits of a torch.Generator: the mean is exactly 1/2, the bias of a rounding at most 2^-17
+of a step, at a quarter of the generator calls of torch.rand (the generator is serial on CPU). The
+Triton kernels (triton_quant.py) use Philox's float32 `tl.rand`.
 
 Per-sample widths (ActNN's mixed precision): `bits` may be a 1-D tensor, one width 1..8 per sample;
 the samples' codes are then stored by ascending width (ties in sample order), each densely at its
@@ -38,7 +40,7 @@ import torch
 from actmem.compress import triton_quant
 from actmem.compress.backend import dispatch
 from actmem.compress.packed import Packed, decode, register_layout
-from actmem.compress.packing import pack_blocks_, unpack_codes
+from actmem.compress.packing import planes, transpose_blocks_
 from actmem.errors import ConfigError, NonFiniteError
 
 WIDTHS = (1, 2, 4, 8)
@@ -95,16 +97,21 @@ def _decode_triton(p: Packed, widths, N: int, M: int, G: int) -> torch.Tensor:
 
 
 def _decode_reference(p: Packed, widths, N: int, M: int, G: int) -> torch.Tensor:
+    """Slab by slab, from each slab's packed bytes straight into the output."""
     gs = p.params["group_size"]
-    lo, step = p.meta[:2]
-    codes = _unpack(p.codes, widths, N, G * gs).view(-1, gs)
-    lo, step = lo.view(-1, 1).float(), step.view(-1, 1).float()
-    out = torch.empty(N * G, gs, dtype=p.dtype, device=p.device)
-    rows = max(1, SLAB // gs)
-    for r in range(0, N * G, rows):
-        s = slice(r, r + rows)
-        out[s] = torch.mul(codes[s], step[s]).add_(lo[s])
-    return out.view(N, G * gs)[:, :M]
+    lo, step = (m.view(-1, 1) for m in p.meta[:2])
+    out = torch.empty(N, M, dtype=p.dtype, device=p.device)
+    values = torch.empty(min(N * G, _slab_rows(gs)), gs, dtype=torch.float32, device=p.device)  # reused
+    for s, _, pieces in _slabs(widths, N, G, gs):
+        blocks = torch.zeros(s.stop - s.start, gs // 8, 8, dtype=torch.uint8, device=p.device)
+        for rows, count, b, at in pieces:
+            packed = p.codes[at : at + count * gs // 8 * b].view(count, -1, b)
+            planes(blocks, b)[rows] = planes(packed, b)
+        v = values[: s.stop - s.start].copy_(transpose_blocks_(blocks.view(-1, 8)).view(-1, gs))
+        v.mul_(step[s].float()).add_(lo[s].float())
+        for part, place in _runs(v, out, s, G):
+            place.copy_(part)
+    return out
 
 
 def _grid(shape: torch.Size, per_sample: bool, group_size: int) -> tuple[int, int, int]:
@@ -147,13 +154,6 @@ def _round(v: torch.Tensor, dtype: torch.dtype, up: bool) -> torch.Tensor:
     return y.clamp_max_(torch.finfo(dtype).max) if up else y
 
 
-def _levels(widths, G: int):
-    """2^b - 1 for every group: an int, or a float32 column [N * G, 1] for per-sample widths."""
-    if isinstance(widths, int):
-        return (1 << widths) - 1
-    return ((1 << widths.long()) - 1).float().repeat_interleave(G).view(-1, 1)
-
-
 def _quantize_triton(x2, widths, group_size, stochastic, seed, lo, step):
     codes = torch.empty(_packed_bytes(widths, x2.shape[0], lo.shape[1] * group_size), dtype=torch.uint8,
                         device=x2.device)
@@ -162,27 +162,97 @@ def _quantize_triton(x2, widths, group_size, stochastic, seed, lo, step):
 
 
 def _quantize_reference(x2, widths, group_size, stochastic, seed, lo, step):
+    """Slab by slab: only the output (codes, lo, step) is as large as the input."""
     N, M = x2.shape
     G = lo.shape[1]
-    width = G * group_size
-    if width != M:  # pad each sample with its last value
-        x2 = torch.cat([x2, x2[:, -1:].expand(N, width - M)], 1)
-    xg = x2.reshape(N * G, group_size)
-    levels = _levels(widths, G)
+    xg = x2.reshape(N * G, group_size) if M == G * group_size else None  # else padded slab by slab
     gen = torch.Generator(x2.device).manual_seed(seed) if stochastic else None
-    codes = torch.empty(N * G, group_size, dtype=torch.uint8, device=x2.device)
+    out = torch.empty(_packed_bytes(widths, N, G * group_size), dtype=torch.uint8, device=x2.device)
     lo_rows, step_rows = lo.view(-1, 1), step.view(-1, 1)
-    rows = max(1, SLAB // group_size)
-    for r in range(0, N * G, rows):
-        s = slice(r, r + rows)
-        lvl = levels if isinstance(levels, int) else levels[s]
-        codes[s], lo_rows[s], step_rows[s] = _quantize_slab(xg[s], lvl, lo.dtype, gen)
-    codes.view(N, width)[:, M:] = 0
-    return _pack(codes.view(N, width), widths)
+    for s, bits, pieces in _slabs(widths, N, G, group_size):
+        xs = _padded_groups(x2, s, G, group_size) if xg is None else xg[s]
+        levels = (1 << bits) - 1 if isinstance(bits, int) else ((1 << bits.long()) - 1).float().view(-1, 1)
+        codes, lo_rows[s], step_rows[s] = _quantize_slab(xs, levels, lo.dtype, gen)
+        codes[_padding(s, M, G, group_size)] = 0
+        blocks = transpose_blocks_(codes.view(-1, 8)).view(-1, group_size // 8, 8)
+        for rows, count, b, at in pieces:
+            place = out[at : at + count * group_size // 8 * b].view(count, -1, b)
+            planes(place, b).copy_(planes(blocks, b)[rows])
+    return out
+
+
+def _slab_rows(gs: int) -> int:
+    """Groups per slab."""
+    return max(1, SLAB // gs)
+
+
+def _slabs(widths, N: int, G: int, gs: int):
+    """The slabs of the groups [N * G, gs], SLAB elements each, in row order (which fixes the random
+    stream), as (rows s; the width of each row, or an int for all; pieces). A piece is (its rows in the
+    slab, a slice or a mask; how many; their width; the first byte of their codes in the output): per-
+    sample widths store the samples by ascending width, ties in sample order, so the slab's rows of one
+    width are one run of the output, and a slab has a piece per width it holds."""
+    per_slab = _slab_rows(gs)
+    if not isinstance(widths, int):
+        order = torch.argsort(widths, stable=True)
+        size = widths[order].long() * (G * gs // 8)
+        first = torch.empty_like(size)
+        first[order] = size.cumsum(0) - size  # the first byte of each sample
+        wl, fl = widths.tolist(), first.tolist()
+    for r0 in range(0, N * G, per_slab):
+        s = slice(r0, min(r0 + per_slab, N * G))
+        if isinstance(widths, int):
+            yield s, widths, [(slice(None), s.stop - r0, widths, r0 * gs // 8 * widths)]
+            continue
+        bits = widths[torch.arange(r0, s.stop, device=widths.device) // G]
+        n0, n1 = r0 // G, (s.stop - 1) // G + 1  # the samples it holds rows of
+        present, pieces = sorted(set(wl[n0:n1])), []
+        for b in present:
+            rows = slice(None) if len(present) == 1 else bits == b
+            n = wl.index(b, n0, n1)  # the first of them of width b
+            at = fl[n] + (max(r0, n * G) - n * G) * (gs // 8) * b
+            pieces.append((rows, s.stop - r0 if len(present) == 1 else int(rows.sum()), b, at))
+        yield s, bits, pieces
+
+
+def _padded_groups(x2: torch.Tensor, s: slice, G: int, gs: int) -> torch.Tensor:
+    """Rows s of x2's groups [N * G, gs], each sample padded with its last value: copied slab by slab,
+    so that no padded copy of the whole input is made."""
+    xs = x2.new_empty(s.stop - s.start, gs)
+    for part, place in _runs(xs, x2, s, G):
+        part.copy_(place)
+    rows, tail = _padding(s, x2.shape[1], G, gs)
+    last = xs[rows]  # a view: the slab's last groups of samples
+    last[:, tail] = last[:, tail.start - 1 : tail.start]
+    return xs
+
+
+def _runs(slab: torch.Tensor, t2: torch.Tensor, s: slice, G: int):
+    """Pairs of views (values of `slab`, rows s of the groups [N * G, gs]; their place in t2 [N, M])
+    that cover the slab but for its padding, in three plain copies at most: the rest of the sample it
+    starts in, its whole samples, the beginning of the sample it ends in."""
+    M, gs = t2.shape[1], slab.shape[1]
+    flat, runs = slab.view(-1), []
+    n0, n1 = -(-s.start // G), s.stop // G  # its whole samples: n0 .. n1 - 1
+    if s.start % G:
+        n, j = divmod(s.start, G)
+        end = min(M, (min(s.stop, (n + 1) * G) - n * G) * gs)
+        runs.append((flat[: end - j * gs], t2[n, j * gs : end]))
+    if n1 > n0:
+        at = (n0 * G - s.start) * gs
+        runs.append((flat[at : at + (n1 - n0) * G * gs].view(n1 - n0, G * gs)[:, :M], t2[n0:n1]))
+    if s.stop % G and n1 >= n0:
+        runs.append((flat[(n1 * G - s.start) * gs :], t2[n1, : (s.stop - n1 * G) * gs]))
+    return runs
+
+
+def _padding(s: slice, M: int, G: int, gs: int) -> tuple[slice, slice]:
+    """The padding in the slab of group rows s: (its rows, the last group of each sample; their columns)."""
+    return slice((G - 1 - s.start) % G, None, G), slice(M - (G - 1) * gs, None)
 
 
 def _quantize_slab(xs: torch.Tensor, levels, meta_dtype: torch.dtype, gen: torch.Generator | None):
-    """Codes (float32, integral, still to be truncated), lo and step ([rows, 1]) of a slab of groups."""
+    """Codes (uint8), lo and step ([rows, 1]) of a slab of groups."""
     x = xs.float()
     mn, mx = x.amin(1, keepdim=True), x.amax(1, keepdim=True)  # NaN and Inf propagate here
     lo = _round(mn, meta_dtype, up=False)
@@ -195,26 +265,4 @@ def _quantize_slab(xs: torch.Tensor, levels, meta_dtype: torch.dtype, gen: torch
         r = torch.empty(v.numel() // 4, dtype=torch.int64, device=v.device)
         r.random_(-(2**63), None, generator=gen)
         v.add_(r.view(torch.int16).view_as(v).float().add_(32768.5), alpha=2**-16)
-    return v.clamp_max_(levels), lo, step
-
-
-def _pack(codes: torch.Tensor, widths) -> torch.Tensor:
-    """Pack codes [N, C] (uint8, contiguous, overwritten): one width, or by ascending per-sample width."""
-    if isinstance(widths, int):
-        return pack_blocks_(codes.view(-1, 8), widths)
-    parts = [pack_blocks_(codes[widths == w].view(-1, 8), w) for w in widths.unique().tolist()]
-    return torch.cat(parts) if parts else codes.new_empty(0)
-
-
-def _unpack(packed: torch.Tensor, widths, N: int, C: int) -> torch.Tensor:
-    """Inverse of _pack: codes [N, C] (uint8)."""
-    if isinstance(widths, int):
-        return unpack_codes(packed, widths, N * C).view(N, C)
-    codes = torch.empty(N, C, dtype=torch.uint8, device=packed.device)
-    start = 0
-    for w in widths.unique().tolist():
-        sel = widths == w
-        size = int(sel.sum()) * C // 8 * w
-        codes[sel] = unpack_codes(packed[start:start + size], w, size // w * 8).view(-1, C)
-        start += size
-    return codes
+    return v.clamp_max_(levels).to(torch.uint8), lo, step

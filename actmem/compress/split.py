@@ -29,7 +29,8 @@ both backends. NaN or Inf in the input raise NonFiniteError.
 Packed: codes, meta = (lfc bf16 [P, Hp, Wp], stats bf16 [P, 2] = (min, step)); P = planes. Each
 plane's H·W codes are packed from a byte boundary, bits * ceil(H·W / 8) bytes (7x7: 56 code slots
 for 49 values), because one Triton program quantizes one plane (its min/step need all of it) and two
-programs must not write the same byte.
+programs must not write the same byte; the torch reference, too, packs each slab of whole planes
+straight into its bytes of the output.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch
 from actmem.compress import triton_split
 from actmem.compress.backend import dispatch
 from actmem.compress.packed import Packed, register_layout
-from actmem.compress.packing import check_bits, pack_blocks_, unpack_codes
+from actmem.compress.packing import check_bits, pack_into_, unpack_into_
 from actmem.compress.quant import SLAB
 from actmem.errors import ConfigError, NonFiniteError
 
@@ -125,20 +126,24 @@ def _compress_triton(x, geometry, bits, stochastic, seed):
 
 
 def _compress_reference(x, geometry, bits, stochastic, seed):
-    """Slabs of about SLAB elements, so that the fp32/fp64 temporaries stay in cache."""
+    """Slabs of about SLAB elements, so that the fp32/fp64 temporaries stay in cache and nothing but the
+    output is as large as x: each slab's codes are packed straight into their bytes of the output."""
     P, H, W, kh, kw = geometry
     xv = x.reshape(P, H, W)
     lfc = torch.empty((P, H // kh, W // kw), dtype=torch.bfloat16, device=x.device)
     stats = torch.empty((P, 2), dtype=torch.bfloat16, device=x.device)
-    codes = torch.zeros((P, H * W + -(H * W) % 8), dtype=torch.uint8, device=x.device)  # planes padded to 8
+    plane = bits * -(-H * W // 8)  # packed bytes per plane
+    codes = torch.empty(P * plane, dtype=torch.uint8, device=x.device)
     gen = None if seed is None else torch.Generator(x.device).manual_seed(seed)  # None: the global RNG
     index = _upsample_index(geometry, x.device)
     rows = max(1, SLAB // (H * W))
     for r in range(0, P, rows):
         s = slice(r, r + rows)
-        codes[s, : H * W], lfc[s], stats[s] = _compress_slab(xv[s], geometry, index, (1 << bits) - 1,
-                                                             stochastic, gen)
-    return pack_blocks_(codes.view(-1, 8), bits), lfc, stats
+        q, lfc[s], stats[s] = _compress_slab(xv[s], geometry, index, (1 << bits) - 1, stochastic, gen)
+        blocks = q.new_zeros(q.shape[0], -(-H * W // 8) * 8, dtype=torch.uint8)  # planes padded to 8
+        blocks[:, : H * W] = q
+        pack_into_(blocks.view(-1, 8), bits, codes[r * plane : (r + q.shape[0]) * plane])
+    return codes, lfc, stats
 
 
 def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: bool = True,
@@ -180,15 +185,19 @@ def _decompress_triton(p: Packed, geometry) -> torch.Tensor:
 
 
 def _decompress_reference(p: Packed, geometry) -> torch.Tensor:
+    """Slab by slab, each slab's codes unpacked from their bytes of p.codes."""
     P, H, W, kh, kw = geometry
     lfc, stats = p.meta
-    q = unpack_codes(p.codes, p.bits, P * (H * W + -(H * W) % 8)).view(P, -1)[:, : H * W]
     mn, step = stats.float().unbind(1)
     out = torch.empty((P, H, W), dtype=p.dtype, device=p.device)
     index = _upsample_index(geometry, p.device)
+    plane = p.bits * -(-H * W // 8)  # packed bytes per plane
     rows = max(1, SLAB // (H * W))
     for r in range(0, P, rows):
         s = slice(r, r + rows)
-        hfc = torch.mul(q[s], step[s, None]).add_(mn[s, None])
+        packed = p.codes[r * plane : (r + rows) * plane]
+        blocks = packed.new_empty(packed.numel() // p.bits, 8)
+        q = unpack_into_(packed, p.bits, blocks).view(-1, -(-H * W // 8) * 8)[:, : H * W]
+        hfc = torch.mul(q, step[s, None]).add_(mn[s, None])
         out[s] = hfc.view(-1, H, W).add_(_upsampled(lfc[s], index))
     return out.view(p.shape)
