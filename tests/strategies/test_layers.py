@@ -246,10 +246,35 @@ def test_gradients_in_batch_chunks_are_the_whole_batchs(monkeypatch):
     grad = torch.randn(7, 6, 5, 5)
     args = ([2, 2], [1, 1], [1, 1])
     monkeypatch.setattr(ops, "CPU_CHUNK", 2 * x[0].numel() * x.element_size())
-    assert len(ops._batch_chunks(x.shape, x.dtype, x.device, 2)) == 4
+    assert len(ops.batch_chunks(x.shape, x.dtype, x.device, 2)) == 4
     gx, gw, gb = ops.conv_backward(grad, lambda: x, x.shape, weight, True, (True, True, True), *args, 1)
     want_x, want_w, want_b = torch.ops.aten.convolution_backward(grad, x, weight, [6], *args, False, [0, 0], 1,
                                                                  [True, True, True])
     torch.testing.assert_close(gx, want_x, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gw, want_w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(gb, want_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_backward_in_place_is_the_native_ops(affine):
+    """batch_norm_backward_ turns the decoded input into the input gradient in place, its sums on chunks
+    of the batch (two samples each here); it must give the native op's gradients to fp32 rounding."""
+    from actmem.strategies import ops
+
+    torch.manual_seed(0)
+    x, grad = torch.randn(7, 5, 6, 4) * 3 + 1, torch.randn(7, 5, 6, 4)
+    weight = torch.randn(5) if affine else None
+    bias = torch.randn(5) if affine else None
+    _, mean, invstd, reserve, impl = torch.ops.aten._batch_norm_impl_index(x, weight, bias, None, None, True, 0.1,
+                                                                          1e-5, False)
+    need = [True, affine, affine]
+    want = torch.ops.aten._batch_norm_impl_index_backward(impl, x, grad, weight, None, None, mean, invstd, True,
+                                                          1e-5, need, reserve)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "CPU_CHUNK", 2 * x[0].numel() * x.element_size())
+        got = ops.batch_norm_backward_(x.clone(), grad, weight, mean, invstd, need)
+    for g, w in zip(got, want):
+        if w is None or not w.numel():
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
