@@ -6,8 +6,11 @@ fresh model takes two steps (the first creates the optimizer state) at batches d
 runs out of memory, then bisected between the last fit and the first failure. On the CPU nothing runs out
 of memory, so it is estimated instead: the step peak (actmem.measure.step_peak) is affine in the batch
 (piecewise: see `estimate`), so a least-squares line through a few small batches is solved for the
-budget and, where affordable, confirmed by a measured step at the answer. The input is synthetic, of
-the dataset's shape and class count: no data is read.
+budget and, where affordable, confirmed by a measured step at the answer. On the CPU the compressed
+layers' backward runs its big calls on chunks of the batch (strategies/ops.batch_chunks), whose buffers
+stop growing once the batch spans a few chunks: fit at batches past that (`fit_batches=[16,32,64]` for
+resnet50 at 224), or the line of small batches overstates the slope and the answer comes out low. The
+input is synthetic, of the dataset's shape and class count: no data is read.
 """
 from __future__ import annotations
 

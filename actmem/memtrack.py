@@ -17,12 +17,17 @@ sum (ActNN L3, resnet50 224 b64: backward peak 1147 MiB under a mode, see result
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile, record_function
+
+# Kineto, the profiler's backend, logs its start and stop (and, without a GPU, a device-count error) to
+# stderr: noise in a run's output and in the one-paragraph errors. Read when it first starts.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 ROLES = ("params", "grads", "optimizer", "activations", "transient")
 _MARK = "actmem.memtrack:"  # a marker's name: _MARK + kind + ":" + storage address or phase
