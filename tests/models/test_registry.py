@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from actmem import models
 from actmem.errors import ConfigError
 
-CIFAR = ["densenet121", "preact_resnet164", "preact_resnet56", "resnet18", "resnet20", "vit_tiny",
+CIFAR = ["airbench94", "densenet121", "preact_resnet164", "preact_resnet56", "resnet18", "resnet20", "vit_tiny",
          "wrn28_10"]
 IMAGENET = ["convnext_tiny", "densenet161", "efficientnet_b0", "resnet50", "wide_resnet50_2"]
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
@@ -21,6 +21,7 @@ FUNCTIONAL_ACTIVATIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.gelu, F.si
 PARAMS = {
     ("resnet18", 10): 11_173_962,  # 11.17M (kuangliu/pytorch-cifar)
     ("resnet20", 10): 269_722,  # 0.27M (He et al. 2015, Table 6, option A)
+    ("airbench94", 10): 1_972_792,  # 1.97M (Jordan 2024, airbench94.py), 1,440 of them frozen
     ("preact_resnet56", 10): 855_578,  # 0.86M
     ("preact_resnet164", 10): 1_703_258,  # 1.7M (He et al. 2016, Table 2)
     ("wrn28_10", 10): 36_479_194,  # 36.5M (Zagoruyko & Komodakis 2016, Table 1)
