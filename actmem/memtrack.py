@@ -103,8 +103,8 @@ def _op_end(event) -> int:
 
 
 def _events(result, device: torch.device):
-    """(time, order, kind, value) of the record's allocations on `device` -- value (address, bytes, whether
-    it is freed before the op that made it returns) -- and of the markers, in time order."""
+    """(time, order, kind, value) of the record's allocations on `device` -- value (address, bytes, when
+    the op that made it returns) -- and of the markers, in time order."""
     stack, events = list(result.experimental_event_tree()), []
     while stack:
         e = stack.pop()
@@ -112,21 +112,25 @@ def _events(result, device: torch.device):
         if e.tag == _EventType.Allocation:
             f = e.extra_fields
             if f.device.type == device.type and (device.index is None or f.device.index == device.index):
-                events.append((e.start_time_ns, 0, "alloc", [f.ptr, f.alloc_size, _op_end(e)]))
+                events.append((e.start_time_ns, 0, "alloc", (f.ptr, f.alloc_size, _op_end(e))))
         elif e.name.startswith(_MARK):
             kind, value = e.name[len(_MARK):].split(":", 1)
             events.append((e.start_time_ns, 1, kind, value))
-    events.sort(key=lambda ev: ev[:2])
-    made: dict[int, list] = {}  # address -> its allocation's value, while live
-    for time, _, kind, value in events:
+    return sorted(events, key=lambda ev: ev[:2])
+
+
+def _workspaces(events) -> set[int]:
+    """Positions in `events` of the allocations freed before the op that made them returns."""
+    made: dict[int, tuple[int, int]] = {}  # address -> (position, op end) of its live allocation
+    inside = set()
+    for i, (time, _, kind, value) in enumerate(events):
         if kind == "alloc" and value[1] > 0:
-            made[value[0]] = value
+            made[value[0]] = (i, value[2])
         elif kind == "alloc" and value[0] in made:
-            allocation = made.pop(value[0])
-            allocation[2] = time <= allocation[2]
-    for value in made.values():  # alive at the end of the step: not a workspace
-        value[2] = False
-    return events
+            position, op_end = made.pop(value[0])
+            if time <= op_end:
+                inside.add(position)
+    return inside
 
 
 def track_step(model: nn.Module, optimizer, step, inputs=(), device="cpu") -> Peak:
@@ -159,9 +163,11 @@ def track_step(model: nn.Module, optimizer, step, inputs=(), device="cpu") -> Pe
         for h in hooks:
             h.remove()
     replay = _Replay(existing, "forward")
-    for _, _, kind, value in _events(prof.profiler.kineto_results, device):
+    events = _events(prof.profiler.kineto_results, device)
+    inside_ops = _workspaces(events)
+    for i, (_, _, kind, value) in enumerate(events):
         if kind == "alloc":
-            replay.allocation(value[0], value[1], value[2] is True)
+            replay.allocation(value[0], value[1], i in inside_ops)
         elif kind == "phase":
             replay.phase = value
         elif value != "None":

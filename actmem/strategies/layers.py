@@ -40,6 +40,7 @@ from actmem.strategies.ops import (
     batch_chunks,
     batch_norm_backward_,
     conv_backward,
+    in_chunks,
     linear_backward,
     load_packed,
     save_packed,
@@ -312,13 +313,10 @@ class _MaskFn(Function):
     def backward(ctx, grad):
         (packed,), _ = load_packed(ctx)
         mask = unpack_mask(packed)
+        # grad * mask: on CPU ~7x faster than torch.where (NaN grads stay NaN); the CPU casts the mask to
+        # grad's dtype first, so it runs on chunks of the batch
         chunks = batch_chunks(grad.shape, grad.dtype, grad.device, max(grad.dim() - 2, 0))
-        if len(chunks) == 1:
-            gx = grad * mask  # on CPU ~7x faster than torch.where (NaN grads stay NaN)
-        else:  # the CPU casts the mask to grad's dtype first: a chunk at a time
-            gx = torch.empty_like(grad)
-            for rows in chunks:
-                torch.mul(grad[rows], mask[rows], out=gx[rows])
+        gx = in_chunks(lambda rows: grad[rows] * mask[rows], chunks, grad.new_empty, grad.shape)
         return (gx if ctx.scale == 1 else gx.mul_(ctx.scale)), None, None
 
 

@@ -73,6 +73,17 @@ def batch_chunks(shape, dtype: torch.dtype, device: torch.device, dims: int) -> 
     return [slice(start, start + rows) for start in range(0, max(1, shape[0]), rows)]
 
 
+def in_chunks(fn, chunks: list[slice], new_empty, shape) -> torch.Tensor:
+    """fn(rows) for each batch slice, written into one new tensor of `shape` (`new_empty(shape)`); with a
+    single slice, fn's own result."""
+    if len(chunks) == 1:
+        return fn(chunks[0])
+    out = new_empty(shape)
+    for rows in chunks:
+        out[rows] = fn(rows)
+    return out
+
+
 def conv_backward(grad, rebuild, shape, weight, has_bias: bool, need, stride, padding, dilation, groups):
     """(grad_x, grad_weight, grad_bias) of an N-d convolution with integer zero padding; `need` says which
     to compute (None for the others). The weight and bias gradients come first, from `rebuild()` (the
@@ -99,13 +110,8 @@ def conv_backward(grad, rebuild, shape, weight, has_bias: bool, need, stride, pa
         output_padding = [size - m for size, m in zip(shape[-dims:], made)]  # rows the strided conv never read
         transposed = functools.partial(_TRANSPOSED[dims], weight=weight, stride=stride, padding=padding,
                                        output_padding=output_padding, groups=groups, dilation=dilation)
-        chunks = batch_chunks(shape, grad.dtype, grad.device, dims)
-        if len(chunks) == 1:
-            gx = transposed(grad)
-        else:
-            gx = grad.new_empty(shape)
-            for rows in chunks:
-                gx[rows] = transposed(grad[rows])
+        gx = in_chunks(lambda rows: transposed(grad[rows]), batch_chunks(shape, grad.dtype, grad.device, dims),
+                       grad.new_empty, shape)
     return gx, gw, gb
 
 
