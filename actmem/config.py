@@ -19,7 +19,7 @@ AMP_MODES = ("none", "bf16", "fp16")
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 1
+    epochs: float = 1  # a fraction ends the last epoch early: ceil(epochs * steps per epoch) steps in all
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     batch_size: int = 128
     device: str = "auto"
@@ -30,6 +30,29 @@ class TrainerConfig:
     measure_activations: bool = True
     progress: bool = True  # a bar per epoch, only when stderr is a terminal
     threads: int | None = None  # torch CPU threads; default: torch's choice
+    tta: int = 0  # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px shifts
+
+
+@dataclass
+class ParamGroupConfig:
+    """Parameters (shell-style name patterns) with their own lr / weight-decay multipliers, or trained
+    only for their first `train_epochs` epochs (actmem.optim.param_groups, set_trainable)."""
+
+    params: list[str] = MISSING
+    lr_scale: float = 1.0
+    weight_decay_scale: float = 1.0
+    train_epochs: float | None = None
+
+
+@dataclass
+class LookaheadConfig:
+    """airbench94's lookahead: an average of the weights that every `every_n_steps` steps from epoch
+    `start_epochs` on is moved towards them and copied back into the model (actmem.lookahead)."""
+
+    start_epochs: float = 3
+    every_n_steps: int = 5
+    decay_base: float = 0.95
+    decay_pow: float = 3.0
 
 
 @dataclass
@@ -45,7 +68,12 @@ class OptimConfig:
     warmup_start: float = 0.1  # lr factor at step 0 of the warm-up
     milestones: list[float] = field(default_factory=list)  # epochs, for multistep
     gamma: float = 0.1
+    cycle_start: float = 0.0  # onecycle: lr factor at step 0, ...
+    cycle_peak: float = 0.3  # ... fraction of the steps where it reaches 1, ...
+    cycle_end: float = 0.0  # ... and factor at the last step
     label_smoothing: float = 0.0
+    groups: list[ParamGroupConfig] = field(default_factory=list)
+    lookahead: LookaheadConfig | None = None
 
 
 @dataclass
@@ -99,7 +127,9 @@ def validate(cfg) -> None:
     """Impossible settings fail here, before any data is loaded or model built."""
     t, o = cfg.trainer, cfg.optim
     _check(t.batch_size > 0, f"trainer.batch_size={t.batch_size}: it must be a positive integer, e.g. 128.")
-    _check(t.epochs > 0, f"trainer.epochs={t.epochs}: it must be at least 1.")
+    _check(t.epochs > 0, f"trainer.epochs={t.epochs}: it must be positive (a fraction ends the last epoch early).")
+    _check(t.tta in (0, 1, 2), f"trainer.tta={t.tta}: use 0 (no test-time augmentation), 1 (mirror) or 2 (mirror "
+                               "and 1-pixel shifts).")
     _check(t.max_steps is None or t.max_steps > 0,
            f"trainer.max_steps={t.max_steps}: use a positive number of steps, or null for no limit.")
     _check(t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps}: it must be >= 0.")
@@ -120,4 +150,15 @@ def validate(cfg) -> None:
     _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing}: use a value in [0, 1).")
     _check(o.schedule != "multistep" or len(o.milestones) > 0,
            "optim.schedule=multistep needs optim.milestones, e.g. optim.milestones=[100,150].")
+    _check(0 <= o.cycle_peak <= 1, f"optim.cycle_peak={o.cycle_peak}: the peak's place is a fraction of the "
+                                    "steps, in [0, 1].")
+    for i, g in enumerate(o.groups):
+        _check(g.lr_scale > 0 and g.weight_decay_scale >= 0, f"optim.groups[{i}]: lr_scale={g.lr_scale} must be "
+               f"> 0 and weight_decay_scale={g.weight_decay_scale} >= 0.")
+        _check(g.train_epochs is None or g.train_epochs >= 0,
+               f"optim.groups[{i}].train_epochs={g.train_epochs}: give a number of epochs >= 0, or null.")
+    la = o.lookahead
+    _check(la is None or (la.every_n_steps >= 1 and 0 <= la.decay_base <= 1 and la.start_epochs >= 0),
+           f"optim.lookahead={la}: every_n_steps must be >= 1, decay_base in [0, 1], start_epochs >= 0; or "
+           "optim.lookahead=null for none.")
     _check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}: use one of {', '.join(LOGGERS.names())}.")

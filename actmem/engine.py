@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from actmem.errors import DivergedError, NonFiniteError
@@ -48,7 +49,8 @@ def _bar(loader, desc: str, enabled: bool):
 
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precision: Precision,
-                meter: Throughput, *, epoch: int, step: int, max_steps: int, records, progress: bool):
+                meter: Throughput, *, epoch: int, step: int, max_steps: int, records, progress: bool,
+                lookahead=None):
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -84,9 +86,11 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
                               "can also be the cause),", step, epoch)
             optimizer.step()
         scheduler.step()
+        step += 1
+        if lookahead is not None:
+            lookahead.after_step(model, step, epoch)
         meter.stop(len(x))
         t_timed += time.perf_counter() - t0
-        step += 1
         n = len(x)
         seen += n
         loss_sum += loss.detach().float() * n
@@ -114,9 +118,25 @@ def _check_finite(values: torch.Tensor, what: str, step: int, epoch: int) -> Non
                             step + 1)
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
+    """airbench94's test-time augmentation: level 1 averages the logits of the image and its mirror;
+    level 2 weighs that by 1/2 and, by 1/4 each, the same for the image shifted one pixel up-left and
+    down-right (reflect padding): six views."""
+    if level == 0:
+        return model(x)
+    mirrored = 0.5 * model(x) + 0.5 * model(x.flip(-1))
+    if level == 1:
+        return mirrored
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+    return 0.5 * mirrored + 0.25 * sum(0.5 * model(v) + 0.5 * model(v.flip(-1)) for v in shifted)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: bool):
-    """Returns (mean loss, top-1 accuracy %) over the whole loader."""
+def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: bool, tta: int = 0):
+    """Returns (mean loss, top-1 accuracy %) over the whole loader, of the logits with test-time
+    augmentation `tta` (see tta_logits)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -124,7 +144,7 @@ def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: 
     seen = 0
     for x, y in _bar(loader, "eval", progress):
         with precision.autocast(device):
-            out = model(precision.prepare(x))
+            out = tta_logits(model, precision.prepare(x), tta)
         loss_sum += loss_fn(out.float(), y) * len(x)
         correct += (out.argmax(1) == y).sum()
         seen += len(x)

@@ -128,11 +128,12 @@ class RunDirectory:
 
     # ---------------------------------------------------------------- checkpoint.pt
 
-    def save(self, *, model, optimizer, scheduler, scaler, epoch: int, step: int, progress: dict) -> None:
+    def save(self, *, model, optimizer, scheduler, scaler, epoch: int, step: int, progress: dict,
+             lookahead=None) -> None:
         """`epoch`: epochs completed; `progress`: the loop's running figures (best accuracy, ...)."""
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                 "epoch": epoch, "step": step, "progress": progress, "rng": _rng_state()}
+                 "lookahead": lookahead.state_dict() if lookahead else None, "epoch": epoch, "step": step, "progress": progress, "rng": _rng_state()}
         path = self.path / CHECKPOINT
         tmp = path.with_name(CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -140,7 +141,7 @@ class RunDirectory:
             os.replace(path, self.path / PREVIOUS)
         os.replace(tmp, path)
 
-    def resume(self, *, model, optimizer, scheduler, scaler, device) -> dict | None:
+    def resume(self, *, model, optimizer, scheduler, scaler, device, lookahead=None) -> dict | None:
         """Restore the saved state in place and bring the summary up to it; returns {epoch, step,
         progress}, or None when there is nothing to resume."""
         state = self._readable_checkpoint(device)
@@ -151,6 +152,8 @@ class RunDirectory:
         scheduler.load_state_dict(state["scheduler"])
         if scaler and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
+        if lookahead and state.get("lookahead"):
+            lookahead.load_state_dict(state["lookahead"])
         _set_rng_state(state["rng"])
         print(f"Resuming from {self.path / CHECKPOINT}: {state['epoch']} epoch(s), {state['step']} step(s) done.",
               flush=True)

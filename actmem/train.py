@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import random
 import signal
@@ -18,10 +19,12 @@ from omegaconf import DictConfig
 
 from actmem import data, models, strategies
 from actmem.config import register_configs, validate
+from actmem.data.loader import TensorLoader
 from actmem.engine import Precision, evaluate, train_epoch
 from actmem.errors import ActmemError, ConfigError, DivergedError
+from actmem.lookahead import Lookahead
 from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes, reset_peak_rss, step_peak
-from actmem.optim import build_optimizer, build_scheduler
+from actmem.optim import build_optimizer, build_scheduler, set_trainable
 from actmem.rundir import RunDirectory, paragraph
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -52,6 +55,15 @@ def check_input(model_name: str, image_shape: tuple[int, int, int], dataset_name
         raise ConfigError(f"model={model_name} is an ImageNet model and dataset={dataset_name} gives {h}x{w} "
                           "images; it needs at least 64x64 (224x224 as published). Use a larger "
                           "dataset.image_size, or a CIFAR model (resnet20, resnet18, ...) for 32x32.")
+
+
+def first_train_images(bundle: data.DataBundle, model_name: str, dataset_name: str):
+    """The training loader's `first_images(n)`, for a model's data-dependent init; only loaders that hold
+    the dataset in memory have one."""
+    if not isinstance(bundle.train, TensorLoader):
+        raise ConfigError(f"model={model_name} initialises a layer from training images, which dataset="
+                          f"{dataset_name}'s loader does not hold in memory; use a CIFAR-type dataset with it.")
+    return bundle.train.first_images
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -98,6 +110,8 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
     precision = Precision.build(trainer.amp, device, trainer.channels_last)
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    models.init_from_data(cfg.model.name, model, lambda: first_train_images(bundle, cfg.model.name,
+                                                                           cfg.dataset.name))
     directory.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
     probe = next(iter(bundle.train)) if trainer.measure_activations else None
@@ -108,11 +122,12 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
                      activation_ratio=exact_bytes / strategy_bytes if probe and strategy_bytes else None)
 
     steps_per_epoch = len(bundle.train)
-    total_steps = trainer.epochs * steps_per_epoch
+    total_steps = math.ceil(trainer.epochs * steps_per_epoch)
     if trainer.max_steps is not None:
         total_steps = min(total_steps, trainer.max_steps)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, cfg.optim)
+    lookahead = Lookahead(cfg.optim.lookahead, total_steps) if cfg.optim.lookahead else None
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     test_loss_fn = nn.CrossEntropyLoss()
     if probe:
@@ -121,7 +136,7 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
     del probe
 
     state = directory.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                             device=device)
+                             device=device, lookahead=lookahead)
     start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     progress = state["progress"] if state else {"best_test_acc": None, "test_acc": None, "train_loss": None}
 
@@ -129,14 +144,17 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
     meter = Throughput(device, min(trainer.warmup_steps, max(total_steps - step - 2, 0)))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for epoch in range(start_epoch, trainer.epochs):
+    for epoch in range(start_epoch, math.ceil(trainer.epochs)):
         if step >= total_steps:
             break
         bundle.train.set_epoch(epoch)
+        set_trainable(model, cfg.optim, epoch)
         result = train_epoch(model, bundle.train, optimizer, scheduler, train_loss_fn, precision, meter,
                              epoch=epoch, step=step, max_steps=total_steps, records=directory,
-                             progress=trainer.progress)
+                             progress=trainer.progress, lookahead=lookahead)
         step = result.step
+        if lookahead is not None:
+            lookahead.end_epoch(model)
         test_loss, test_acc = evaluate(model, bundle.test, test_loss_fn, precision, trainer.progress)
         now = time.time()
         directory.log({"epoch": epoch, "step": step, "split": "train", "loss": result.loss, "acc": result.acc,
@@ -148,10 +166,23 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
         print(f"epoch {epoch}: train loss {result.loss:.4f} acc {result.acc:.2f}% | test loss {test_loss:.4f} "
               f"acc {test_acc:.2f}% | {result.img_per_s:.0f} img/s", flush=True)
         directory.save(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                       epoch=epoch + 1, step=step, progress=progress)
+                       epoch=epoch + 1, step=step, progress=progress, lookahead=lookahead)
         directory.update(epochs=epoch + 1, steps=step, **progress)
+    if trainer.tta:
+        final_tta(model, bundle.test, test_loss_fn, precision, directory, trainer, step)
     directory.finish("completed", peak_memory_bytes=peak_gpu_bytes(device), peak_rss_bytes=peak_rss_bytes(),
                      throughput_img_s=meter.img_per_s, wall_time_s=time.perf_counter() - t_start)
+
+
+def final_tta(model, loader, loss_fn, precision, directory, trainer, step: int) -> None:
+    """The trained model's test accuracy under test-time augmentation (trainer.tta): a test record with
+    "tta": level, and the summary's test_acc (the last plain evaluation stays in metrics.jsonl)."""
+    loss, acc = evaluate(model, loader, loss_fn, precision, trainer.progress, tta=trainer.tta)
+    epochs = directory.summary["epochs"]
+    directory.log({"epoch": epochs - 1, "step": step, "split": "test", "loss": loss, "acc": acc, "lr": None,
+                   "img_per_s": None, "time": time.time(), "tta": trainer.tta})
+    print(f"test-time augmentation (level {trainer.tta}): test loss {loss:.4f} acc {acc:.2f}%", flush=True)
+    directory.update(test_acc=acc, tta=trainer.tta)
 
 
 class Interrupted(BaseException):

@@ -3,6 +3,9 @@
 The image-folder tree (`train/<class>/*.jpg|png`, `test/<class>/*`; what `make data` unpacks) is decoded
 once into `root/actmem-cache-<split>.pt` (about 7 s for 60k JPEGs on 2 cores) and loaded from there
 afterwards, until the file list changes.
+
+Training augmentation defaults to the standard recipe (zero-pad 4, random crop, random flip);
+airbench94's is crop_padding=2, padding_mode=reflect, flip=alternating.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from actmem.data.loader import DATASETS, balanced_subset, resolve_root, tensor_bundle, usable_cores
+from actmem.data.loader import DATASETS, balanced_subset, check_augmentation, resolve_root, tensor_bundle, usable_cores
 from actmem.errors import ActmemError, DataNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -57,7 +60,12 @@ class CifarConfig:
     download: bool = False  # fetch torchvision's binary format into root (needs network)
     train_subset: int | None = None  # k class-balanced images from a fixed permutation; null: all
     test_subset: int | None = None
-    augment: bool = True  # 4-pixel pad + random 32x32 crop, horizontal flip
+    augment: bool = True  # master switch for the three below (training set only)
+    crop_padding: int = 4  # pad by this much, random crop back to 32x32; 0: no translation
+    padding_mode: str = "zeros"  # zeros | reflect (F.pad's: the edge pixel is not repeated)
+    # flip: random (each image, each epoch, p=1/2) | alternating (airbench94: a per-image flip drawn once
+    # from the seed, and every image mirrored on odd epochs) | none
+    flip: str = "random"
 
 
 @dataclass
@@ -182,6 +190,7 @@ def load(name: str, root: Path, allow_download: bool):
 
 def build(name: str, cfg, *, batch_size: int, device: torch.device, seed: int):
     spec = SPECS[name]
+    check_augmentation(cfg.crop_padding, cfg.padding_mode, cfg.flip)  # before loading the images
     train, test, _ = load(name, resolve_root(cfg.root), cfg.download)
     if cfg.train_subset is not None:
         idx = balanced_subset(train[1], cfg.train_subset, "dataset.train_subset")
@@ -190,7 +199,8 @@ def build(name: str, cfg, *, batch_size: int, device: torch.device, seed: int):
         idx = balanced_subset(test[1], cfg.test_subset, "dataset.test_subset")
         test = (test[0][idx], test[1][idx])
     return tensor_bundle(train, test, num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
-                         augment=cfg.augment, batch_size=batch_size, device=device, seed=seed)
+                         augment=cfg.augment, batch_size=batch_size, device=device, seed=seed,
+                         crop_padding=cfg.crop_padding, padding_mode=cfg.padding_mode, flip=cfg.flip)
 
 
 @DATASETS.register("cifar10", schema=CifarConfig)

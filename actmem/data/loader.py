@@ -1,9 +1,11 @@
 """What every dataset family shares: the registry, the bundle the trainer gets, and two loaders.
 
 `TensorLoader` serves a dataset held whole in memory as uint8 (CIFAR, synthetic): on a GPU a step moves
-no data, and augmentation is two gathers over the batch. `DeviceLoader` wraps a torch DataLoader of
-uint8 batches (ImageNet) and moves them to the device. Both normalise on the device, both shuffle from
-(seed, epoch) alone, so a resumed run sees the same order as an uninterrupted one.
+no data, and augmentation (pad + crop, with zero or reflect padding, and a random or alternating flip)
+is two gathers over the batch. `DeviceLoader` wraps a torch DataLoader of uint8 batches (ImageNet) and
+moves them to the device. Both normalise on the device, and draw every random number from (seed, epoch)
+-- alternating flips from the seed alone -- so a resumed run sees the same order and augmentation as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -48,16 +50,45 @@ class Normalize:
         return x.float().mul_(self.scale).sub_(self.shift)
 
 
-def pad_crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor):
-    """Zero-pad by `pad`, crop back to H x W at offsets (dy, dx) in [0, 2 pad], mirror where `flip`:
-    the standard CIFAR augmentation for a whole batch as two gathers (rows, then columns), no
-    per-image Python. (One 4-D advanced index does the same ~8x slower on CPU.)"""
+PADDING_MODES = ("zeros", "reflect")
+FLIPS = ("random", "alternating", "none")
+
+
+def check_augmentation(crop_padding: int, padding_mode: str, flip: str, image_side: int | None = None) -> None:
+    """ConfigError for options TensorLoader cannot apply. `image_side` (the smaller of H, W) bounds a
+    reflect padding; callers that have not loaded the images yet leave it out."""
+    if padding_mode not in PADDING_MODES:
+        raise ConfigError(f"dataset.padding_mode={padding_mode!r}: use zeros or reflect.")
+    if flip not in FLIPS:
+        raise ConfigError(f"dataset.flip={flip!r}: use random, alternating or none.")
+    if crop_padding < 0:
+        raise ConfigError(f"dataset.crop_padding={crop_padding}: use 0 (no translation) or more, e.g. 4.")
+    if padding_mode == "reflect" and image_side is not None and crop_padding >= image_side:
+        raise ConfigError(f"dataset.crop_padding={crop_padding} with dataset.padding_mode='reflect': a reflection "
+                          f"cannot reach past the other edge, so the padding must be below the image side, "
+                          f"{image_side}.")
+
+
+def reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Coordinates in [-(n-1), 2(n-1)] mirrored into [0, n) without repeating the edge (F.pad's 'reflect')."""
+    return n - 1 - (n - 1 - i.abs()).abs()
+
+
+def pad_crop_flip(x: torch.Tensor, pad: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                  padding_mode: str = "zeros"):
+    """Pad by `pad`, crop back to H x W at offsets (dy, dx) in [0, 2 pad], mirror where `flip`: the
+    standard CIFAR augmentation for a whole batch as two gathers (rows, then columns), no per-image
+    Python. (One 4-D advanced index does the same ~8x slower on CPU.) Reflect padding makes no padded
+    copy: the gathers read the reflected coordinates straight from `x`."""
     b, c, h, w = x.shape
-    x = F.pad(x, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h, device=x.device)
-    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, w + 2 * pad))
     cols = torch.arange(w, device=x.device)
     cols = torch.where(flip[:, None], w - 1 - cols, cols) + dx[:, None]
+    if padding_mode == "reflect":
+        rows, cols = reflect(rows - pad, h), reflect(cols - pad, w)
+    else:
+        x = F.pad(x, (pad, pad, pad, pad))
+    x = x.gather(2, rows[:, None, :, None].expand(b, c, h, x.shape[3]))
     return x.gather(3, cols[:, None, None, :].expand(b, c, h, w))
 
 
@@ -80,15 +111,21 @@ def balanced_subset(labels: torch.Tensor, k: int, what: str) -> torch.Tensor:
 class TensorLoader:
     """(images, labels) batches from uint8 NCHW images already on the training device.
 
-    train=True: a fresh permutation from (seed, epoch) and drop_last; with augment, a 4-pixel pad +
-    random crop and a horizontal flip drawn from the same generator. train=False: in order, every
-    image, no augmentation.
+    train=True: a fresh permutation from (seed, epoch) and drop_last. With augment, each image is padded
+    by `crop_padding` (zeros or reflect) and cropped back at a random offset, then mirrored per `flip`:
+    "random" draws each image's flip every epoch (p=1/2); "alternating" (airbench94's) draws one flip per
+    image from the seed alone and mirrors all images on odd epochs, so each image alternates orientation
+    -- more diverse than random flips; "none" never mirrors. train=False: in order, every image, no
+    augmentation.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalize: Normalize,
-                 *, train: bool, augment: bool = False, seed: int = 0, pad: int = 4):
+                 *, train: bool, augment: bool = False, seed: int = 0, crop_padding: int = 4,
+                 padding_mode: str = "zeros", flip: str = "random"):
+        check_augmentation(crop_padding, padding_mode, flip, min(images.shape[-2:]))
         self.images, self.labels, self.batch_size, self.normalize = images, labels, batch_size, normalize
-        self.train, self.augment, self.seed, self.pad = train, augment and train, seed, pad
+        self.train, self.augment, self.seed = train, augment and train, seed
+        self.crop_padding, self.padding_mode, self.flip = crop_padding, padding_mode, flip
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -102,17 +139,33 @@ class TensorLoader:
         n, bs, dev = len(self.labels), self.batch_size, self.images.device
         if self.train:
             g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            order = torch.randperm(n, generator=g).to(dev)
+            order = torch.randperm(n, generator=g)
             if self.augment:
-                dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g).to(dev)
-                flip = torch.randint(0, 2, (n,), generator=g).bool().to(dev)
+                dy, dx = torch.randint(0, 2 * self.crop_padding + 1, (2, n), generator=g).to(dev)
+                flip = self.draw_flips(order, g).to(dev)
+            order = order.to(dev)
         for i in range(len(self)):
             at = slice(i * bs, (i + 1) * bs)
             idx = order[at] if self.train else at
             x, y = self.images[idx], self.labels[idx]
             if self.augment:
-                x = pad_crop_flip(x, self.pad, dy[at], dx[at], flip[at])
+                x = pad_crop_flip(x, self.crop_padding, dy[at], dx[at], flip[at], self.padding_mode)
             yield self.normalize(x), y
+
+    def first_images(self, n: int) -> torch.Tensor:
+        """The first n images in dataset order, normalised, not augmented: what a model's data-dependent
+        init reads (actmem.models.init_from_data)."""
+        return self.normalize(self.images[:n])
+
+    def draw_flips(self, order: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Whether to mirror the image at each position of this epoch's `order`."""
+        n = len(order)
+        if self.flip == "random":
+            return torch.randint(0, 2, (n,), generator=g).bool()
+        if self.flip == "alternating":  # the epoch before the first: a stream no epoch of this run uses
+            base = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(epoch_seed(self.seed, -1)))
+            return base.bool()[order] ^ (self.epoch % 2 == 1)
+        return torch.zeros(n, dtype=torch.bool)
 
 
 class DeviceLoader:
@@ -153,8 +206,9 @@ class DataBundle:
 
 def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], *,
                   num_classes: int, mean, std, augment: bool, batch_size: int, device: torch.device,
-                  seed: int) -> DataBundle:
-    """A DataBundle of two TensorLoaders over uint8 (images, labels) pairs, moved to `device` once."""
+                  seed: int, crop_padding: int = 4, padding_mode: str = "zeros", flip: str = "random") -> DataBundle:
+    """A DataBundle of two TensorLoaders over uint8 (images, labels) pairs, moved to `device` once; the
+    augmentation options (see TensorLoader) apply to the training loader."""
     (xtr, ytr), (xte, yte) = ((x.to(device), y.to(device)) for x, y in (train, test))
     if len(ytr) < batch_size:
         raise ConfigError(f"The training set has {len(ytr)} images, fewer than trainer.batch_size={batch_size}, "
@@ -162,6 +216,7 @@ def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Te
                           "dataset.train_subset.")
     norm = Normalize(mean, std, device)
     return DataBundle(
-        train=TensorLoader(xtr, ytr, batch_size, norm, train=True, augment=augment, seed=seed),
+        train=TensorLoader(xtr, ytr, batch_size, norm, train=True, augment=augment, seed=seed,
+                           crop_padding=crop_padding, padding_mode=padding_mode, flip=flip),
         test=TensorLoader(xte, yte, batch_size, norm, train=False),
         num_classes=num_classes, image_shape=tuple(xtr.shape[1:]), train_size=len(ytr), test_size=len(yte))

@@ -13,7 +13,7 @@ from actmem.registry import discover
 
 discover(__name__, __path__)
 
-__all__ = ["MODELS", "block_types", "build", "info", "names"]
+__all__ = ["MODELS", "block_types", "build", "info", "init_from_data", "names"]
 
 # What info() says of a model unless its registration says otherwise (true of all of ours).
 _INFO_DEFAULTS = dict(
@@ -21,6 +21,7 @@ _INFO_DEFAULTS = dict(
     reuses_activation=False,  # one activation module instance called at several sites
     inplace_activation=False,  # activations with inplace=True
     functional_activation=False,  # some activation called as a function (not swappable)
+    data_init=None,  # fn(model, first_images): sets layers from training data before training
 )
 
 
@@ -30,6 +31,14 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     if num_classes < 1:
         raise ConfigError(f"model {name!r}: num_classes={num_classes}; it must be at least 1.")
     return entry.fn(num_classes, **kwargs)
+
+
+def init_from_data(name: str, model: nn.Module, first_images) -> None:
+    """Run the model's data-dependent init, if it registered one (`data_init=`), before any strategy is
+    applied; `first_images()` gives a function n -> the first n normalised training images."""
+    init = MODELS.get(name).meta.get("data_init")
+    if init is not None:
+        init(model, first_images())
 
 
 def names() -> list[str]:

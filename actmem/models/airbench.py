@@ -7,8 +7,10 @@ The facts below are read from the public script `airbench94.py` of github.com/Ke
 1.97M quoted for the paper's network:
 
 - whitening conv: 2x2, no padding, 3 -> 2 * 3 * 2 * 2 = 24 channels, with a bias (zero at init); its
-  weight frozen from the start (`requires_grad = False` in make_net). The bias trains for the first
-  `whiten_bias_epochs` = 3 epochs and is then frozen: a schedule for the runner, not the model.
+  weight frozen from the start (`requires_grad = False` in make_net), set from the first 5000 training
+  images (the registered `data_init`, which actmem.train runs before strategies apply). The bias trains
+  for the first `whiten_bias_epochs` = 3 epochs and is then frozen: a schedule for the runner
+  (`optim.groups` in configs/experiment/airbench94.yaml), not the model.
   Followed by a GELU. 32x32 input gives 31x31 maps.
 - three blocks (`ConvGroup`) of widths 64, 256, 256 (`base_width` 64 times 1, 4, 4): conv 3x3 ('same',
   i.e. padding 1, no bias) -> MaxPool2d(2) -> BatchNorm -> GELU -> conv 3x3 -> BatchNorm -> GELU
@@ -149,7 +151,17 @@ def init_whitening_(conv: nn.Conv2d, images: torch.Tensor, eps: float = WHITEN_E
     conv.weight.requires_grad_(False)
 
 
-@MODELS.register("airbench94", input="cifar", activation="gelu", family="airbench", blocks=(ConvGroup,))
+WHITEN_IMAGES = 5000  # the script initialises the whitening conv from the first 5000 training images
+
+
+def whiten_from_data(model: AirBench, first_images) -> None:
+    """The registered data init (actmem.models.init_from_data): the whitening conv from the first
+    5000 normalised training images, as the script does before its first step."""
+    init_whitening_(model.whiten, first_images(WHITEN_IMAGES))
+
+
+@MODELS.register("airbench94", input="cifar", activation="gelu", family="airbench", blocks=(ConvGroup,),
+                 data_init=whiten_from_data)
 def airbench94(num_classes: int, batchnorm_weight_trainable: bool = False) -> AirBench:
     """1.97M parameters at 10 classes (1,972,792, of which 1,971,352 train: the whitening weight and
     the BN weights are frozen). The whitening conv is random until `init_whitening_` sets it from data.

@@ -8,7 +8,7 @@ from PIL import Image
 from actmem.data import build
 from actmem.data.cifar import SPECS, decode_files
 from actmem.data.loader import Normalize
-from actmem.errors import ActmemError, DataNotFoundError
+from actmem.errors import ActmemError, ConfigError, DataNotFoundError
 
 CPU = torch.device("cpu")
 
@@ -91,6 +91,38 @@ def test_cifar100_image_folder_labels_and_cache(tmp_path):
     write_png(torch.zeros(3, 32, 32, dtype=torch.uint8), str(tmp_path / "test" / "class000" / "1.png"))
     b = build(cfg, batch_size=50, device=CPU, seed=0)
     assert b.test_size == 101 and raw(next(iter(b.test))[0])[0] == 255
+
+
+def test_augmentation_options_reach_the_train_loader(tmp_path):
+    write_binary(tmp_path, "cifar100", 200, 100)
+    cfg = {"name": "cifar100", "root": str(tmp_path), "crop_padding": 0, "padding_mode": "reflect",
+           "flip": "alternating"}
+    b = build(cfg, batch_size=50, device=CPU, seed=0)
+    assert (b.train.crop_padding, b.train.padding_mode, b.train.flip) == (0, "reflect", "alternating")
+    by_content = []
+    for e in (0, 1):
+        b.train.set_epoch(e)
+        x, _ = collect(b.train)
+        by_content.append(x[torch.argsort(x.double().sum((1, 2, 3)).round(decimals=3))])  # a sum ignores mirroring
+    assert torch.equal(by_content[1], by_content[0].flip(-1))  # the next epoch mirrors every image
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"padding_mode": "edge"}, "dataset.padding_mode='edge': use zeros or reflect"),
+    ({"flip": "yes"}, "dataset.flip='yes': use random, alternating or none"),
+    ({"crop_padding": -2}, "dataset.crop_padding=-2"),
+])
+def test_bad_augmentation_options_fail_before_loading(tmp_path, setting, message):
+    with pytest.raises(ConfigError, match=message):  # not DataNotFoundError: the root is never looked at
+        build({"name": "cifar10", "root": str(tmp_path / "nowhere"), **setting}, batch_size=8, device=CPU, seed=0)
+
+
+def test_reflect_padding_must_be_below_the_image_side(tmp_path):
+    write_binary(tmp_path, "cifar10", 20, 10)
+    cfg = {"name": "cifar10", "root": str(tmp_path), "padding_mode": "reflect"}
+    with pytest.raises(ConfigError, match="dataset.crop_padding=32 .*below the image side, 32"):
+        build({**cfg, "crop_padding": 32}, batch_size=8, device=CPU, seed=0)
+    assert build({**cfg, "crop_padding": 31}, batch_size=8, device=CPU, seed=0).train.crop_padding == 31
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])

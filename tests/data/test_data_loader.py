@@ -1,8 +1,10 @@
+from itertools import product
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from actmem.data.loader import Normalize, TensorLoader, balanced_subset, pad_crop_flip
+from actmem.data.loader import Normalize, TensorLoader, balanced_subset, epoch_seed, pad_crop_flip
 from actmem.errors import ConfigError
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -32,6 +34,18 @@ def test_pad_crop_flip_matches_slicing():
     assert out.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("pad", [1, 3, 5])  # 5: the largest a 6-row image can reflect
+def test_reflect_crop_matches_f_pad_reflect_at_every_offset(pad):
+    h, w = 6, 9  # not square, to catch rows and columns swapped
+    x = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    dy, dx, flip = (torch.tensor(t) for t in zip(*product(range(2 * pad + 1), range(2 * pad + 1), [False, True])))
+    out = pad_crop_flip(x.expand(len(dy), -1, -1, -1), pad, dy, dx, flip, "reflect")
+    padded = F.pad(x.float(), (pad,) * 4, mode="reflect")[0]
+    for i in range(len(dy)):
+        ref = padded[:, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        assert torch.equal(out[i].float(), ref.flip(-1) if flip[i] else ref), (int(dy[i]), int(dx[i]), bool(flip[i]))
+
+
 def test_normalize_is_the_usual_formula():
     x = images(4)
     ref = (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
@@ -55,10 +69,10 @@ def test_balanced_subset_rejects_impossible_sizes(k):
         balanced_subset(torch.zeros(187, dtype=torch.long), k, "dataset.train_subset")
 
 
-def loader(n=50, bs=8, seed=0, augment=False, train=True):
+def loader(n=50, bs=8, seed=0, augment=False, train=True, **options):
     ids = torch.arange(n)  # labels that name the image, to follow the order
     return TensorLoader(images(n), ids, bs, Normalize(MEAN, STD, torch.device("cpu")), train=train,
-                        augment=augment, seed=seed)
+                        augment=augment, seed=seed, **options)
 
 
 def epoch(ld, e):
@@ -104,3 +118,71 @@ def test_test_loader_keeps_every_image_in_order_unaugmented():
     x, y = epoch(ld, 5)
     assert torch.equal(y, torch.arange(50))
     torch.testing.assert_close(x, Normalize(MEAN, STD, torch.device("cpu"))(images(50)))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_default_options_give_the_batches_of_the_original_loader(seed):
+    """The loader before crop_padding/padding_mode/flip existed, inline: saved runs must not change."""
+    n, e = 50, 3  # the loader() helper: 50 images, batches of 8, so 48 per epoch
+    g = torch.Generator().manual_seed(epoch_seed(seed, e))
+    order = torch.randperm(n, generator=g)
+    dy, dx = torch.randint(0, 9, (2, n), generator=g)
+    flip = torch.randint(0, 2, (n,), generator=g).bool()
+    raw = images(n)
+    crops = [F.pad(raw[j], (4,) * 4)[:, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8] for i, j in enumerate(order[:48])]
+    ref = torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip)])
+    x, y = epoch(loader(seed=seed, augment=True), e)
+    assert torch.equal(y, order[:48])
+    assert torch.equal(x, Normalize(MEAN, STD, torch.device("cpu"))(ref))
+
+
+def flipped_per_image(n, seed, e):
+    """Epoch e of an alternating-flip loader without translation: (images by id, whether each is mirrored)."""
+    x, y = epoch(loader(n=n, bs=50, seed=seed, augment=True, crop_padding=0, flip="alternating"), e)
+    x = x[torch.argsort(y)]
+    raw = Normalize(MEAN, STD, torch.device("cpu"))(images(n))
+    mirrored = (x == raw.flip(-1)).flatten(1).all(1)
+    assert torch.equal(mirrored, ~(x == raw).flatten(1).all(1))  # each image is itself or its mirror
+    return x, mirrored
+
+
+def test_alternating_flip_mirrors_every_image_each_epoch_from_a_per_seed_base():
+    n = 400
+    x0, base = flipped_per_image(n, 0, 0)
+    for e in range(1, 5):
+        x, mirrored = flipped_per_image(n, 0, e)
+        assert torch.equal(x, x0 if e % 2 == 0 else x0.flip(-1))  # epoch e and e+1: mirror images
+        assert torch.equal(mirrored, base ^ (e % 2 == 1))
+    assert 0.4 < base.float().mean() < 0.6  # about half start mirrored
+    assert not torch.equal(base, flipped_per_image(n, 1, 0)[1])  # the base flips move with the seed
+    assert torch.equal(base, flipped_per_image(n, 0, 2)[1])  # ... and not with the epoch (here, a resumed loader)
+
+
+def test_flip_none_never_mirrors_and_crops_cover_every_offset():
+    pad, n = 2, 400
+    x, y = epoch(loader(n=n, bs=50, augment=True, crop_padding=pad, padding_mode="reflect", flip="none"), 1)
+    padded = Normalize(MEAN, STD, torch.device("cpu"))(F.pad(images(n).float(), (pad,) * 4, mode="reflect").byte())
+    offsets = [(sy, sx) for sy in range(-pad, pad + 1) for sx in range(-pad, pad + 1)]
+    seen = set()
+    for xi, yi in zip(x, y):
+        crops = torch.stack([padded[yi, :, pad + sy : pad + sy + 8, pad + sx : pad + sx + 8] for sy, sx in offsets])
+        hits = (crops == xi).flatten(1).all(1).nonzero().flatten()
+        assert len(hits) == 1  # an unmirrored crop of its own image (a mirror would match none)
+        seen.add(offsets[hits[0]])
+    assert seen == set(offsets)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"padding_mode": "edge"}, "dataset.padding_mode='edge': use zeros or reflect"),
+    ({"flip": "horizontal"}, "dataset.flip='horizontal': use random, alternating or none"),
+    ({"crop_padding": -1}, "dataset.crop_padding=-1"),
+    ({"crop_padding": 8, "padding_mode": "reflect"}, "dataset.crop_padding=8 .*below the image side, 8"),
+])
+def test_bad_augmentation_options_name_the_key(options, message):
+    with pytest.raises(ConfigError, match=message):
+        loader(augment=True, **options)
+
+
+def test_zero_padding_may_exceed_the_image_side():
+    x, _ = epoch(loader(augment=True, crop_padding=8, flip="none"), 0)  # zeros mode has no such bound
+    assert x.shape == (48, 3, 8, 8)
