@@ -5,6 +5,7 @@ BIN     := $(VENV)/bin
 SHARED  ?= ../shared/data
 STAMP   := $(VENV)/.installed
 GPU_WHEELS ?= .gpu/wheels
+GPU_DATA   ?= .gpu/data
 
 .PHONY: setup run test data lint clean gpu-bundle
 
@@ -31,7 +32,9 @@ lint: setup
 	$(BIN)/ruff check actmem scripts tests
 
 # Wheels of what the lent GPU machine lacks (requirements-gpu.txt) for scripts/gpu_run.sh to install there
-# offline; carry `.gpu` with the working tree. Only pure-Python wheels: that machine's Python differs from ours.
+# offline, and the CIFAR-10 tarball for the suite's parity section (../shared does not travel; the section
+# unpacks it into data/); carry `.gpu` with the working tree. Only pure-Python wheels: that machine's Python
+# differs from ours.
 gpu-bundle: setup
 	rm -f $(GPU_WHEELS)/*.whl
 	$(BIN)/pip wheel -q --no-deps -w $(GPU_WHEELS) -r requirements-gpu.txt
@@ -39,7 +42,10 @@ gpu-bundle: setup
 	if [ -n "$$bad" ]; then echo "gpu-bundle: not pure-Python (py3-none-any) wheels: $$bad" >&2; exit 1; fi
 	@want=$$(grep -c '^[^#]' requirements-gpu.txt); have=$$(ls $(GPU_WHEELS)/*.whl | wc -l); \
 	if [ "$$want" != "$$have" ]; then echo "gpu-bundle: $$have wheels for $$want requirements" >&2; exit 1; fi
-	du -sh $(GPU_WHEELS)
+	@test -f $(SHARED)/cifar10-jpg.tar.gz || { echo "gpu-bundle: $(SHARED)/cifar10-jpg.tar.gz not found; the GPU \
+	suite's parity section needs it (set SHARED=<folder with the tarball>)" >&2; exit 1; }
+	install -D -m 644 $(SHARED)/cifar10-jpg.tar.gz $(GPU_DATA)/cifar10-jpg.tar.gz
+	du -sh $(GPU_WHEELS) $(GPU_DATA)
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -133,7 +133,8 @@ class RunDirectory:
         """`epoch`: epochs completed; `progress`: the loop's running figures (best accuracy, ...)."""
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                 "lookahead": lookahead.state_dict() if lookahead else None, "epoch": epoch, "step": step, "progress": progress, "rng": _rng_state()}
+                 "lookahead": lookahead.state_dict() if lookahead else None, "epoch": epoch, "step": step,
+                 "progress": progress, "rng": _rng_state()}
         path = self.path / CHECKPOINT
         tmp = path.with_name(CHECKPOINT + ".tmp")
         torch.save(state, tmp)

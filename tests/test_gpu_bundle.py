@@ -1,8 +1,10 @@
 """The GPU machine's offline install: `make gpu-bundle` here, then scripts/gpu_run.sh --install-only in a fresh
 venv that, like that machine, has torch but neither hydra, omegaconf, wandb nor actmem, with no index to
-reach; then a two-step CPU training run in it."""
+reach; then a two-step CPU training run in it. The bundle also carries CIFAR-10's tarball (../shared does not
+travel), which the suite's parity section unpacks there."""
 from __future__ import annotations
 
+import filecmp
 import fnmatch
 import json
 import os
@@ -11,7 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, SHARED_DATA
 
 # What the bundle (or PYTHONPATH=<repo>) must provide: hidden from the fresh venv.
 NOT_PREINSTALLED = ["hydra", "hydra_core*", "omegaconf*", "antlr4*", "hydra_plugins", "hydra_joblib_launcher*",
@@ -43,14 +45,16 @@ def _offline_env(**extra: str) -> dict[str, str]:
 
 
 def test_offline_bundle_installs_and_trains(tmp_path):
-    wheels, site, run_dir = tmp_path / "wheels", tmp_path / "site", tmp_path / "run"
+    wheels, data, site, run_dir = tmp_path / "wheels", tmp_path / "data", tmp_path / "site", tmp_path / "run"
     # Built afresh so a stale .gpu/wheels cannot hide a break; -o: a pyproject.toml newer than the stamp must
     # not make the test reinstall .venv.
-    res = subprocess.run(["make", "-o", ".venv/.installed", "gpu-bundle", f"GPU_WHEELS={wheels}"], cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(["make", "-o", ".venv/.installed", "gpu-bundle", f"GPU_WHEELS={wheels}", f"GPU_DATA={data}",
+                          f"SHARED={SHARED_DATA}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     built = sorted(p.name for p in wheels.iterdir())
     assert len(built) == 4 and all(name.endswith("-py3-none-any.whl") for name in built), built
+    assert [p.name for p in data.iterdir()] == ["cifar10-jpg.tar.gz"]
+    assert filecmp.cmp(data / "cifar10-jpg.tar.gz", SHARED_DATA / "cifar10-jpg.tar.gz", shallow=False)
 
     python = _gpu_like_venv(tmp_path)
     env = _offline_env()
@@ -91,3 +95,12 @@ def test_missing_wheels_say_how_to_make_them(tmp_path):
                                           GPU_RUN_SITE=str(tmp_path / "site")))
     assert res.returncode != 0
     assert "make gpu-bundle" in res.stderr and "carry `.gpu`" in res.stderr, res.stderr
+
+
+def test_bundle_without_the_cifar10_tarball_says_where_it_looked(tmp_path):
+    res = subprocess.run(["make", "-o", ".venv/.installed", "gpu-bundle", f"GPU_WHEELS={tmp_path / 'wheels'}",
+                          f"GPU_DATA={tmp_path / 'data'}", f"SHARED={tmp_path / 'empty'}"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert f"{tmp_path / 'empty'}/cifar10-jpg.tar.gz not found" in res.stderr and "SHARED=" in res.stderr, res.stderr
+    assert not (tmp_path / "data").exists()

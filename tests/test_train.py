@@ -9,7 +9,9 @@ import sys
 import time
 
 import pytest
+import torch
 from helpers import REPO, run_train
+from omegaconf import OmegaConf
 
 SPEC_FIELDS = {
     "status", "dataset", "model", "strategy", "strategy_config", "batch_size", "epochs", "steps", "seed",
@@ -245,3 +247,36 @@ def test_measuring_memory_before_training_leaves_the_training_draws_alone(tmp_pa
         assert res.returncode == 0, res.stderr
         losses.append(json.loads((tmp_path / measure / "summary.json").read_text())["train_loss"])
     assert losses[0] == losses[1]
+
+
+def test_airbench94_recipe_runs_its_pieces_end_to_end(tmp_path):
+    """experiment=airbench94 on small synthetic data, 8 steps an epoch: the whitening conv set from the
+    training images and frozen, its bias frozen after epoch 3, the lookahead from epoch 3 on (in the
+    checkpoint), and the summary's test_acc the final test-time-augmented evaluation."""
+    from actmem import models
+    from actmem.data.synthetic import SyntheticConfig, build_synthetic
+    from actmem.models.airbench import init_whitening_
+
+    overrides = ["experiment=airbench94", "dataset=synthetic", "dataset.train_size=512", "dataset.test_size=64",
+                 "trainer.batch_size=64", "trainer.measure_activations=false", "logger=jsonl"]
+    for epochs in (3, 4):  # 3, then resumed to 4 (trainer.epochs may change on a restart)
+        res = run_train(*overrides, f"trainer.epochs={epochs}", run_dir=tmp_path)
+        assert res.returncode == 0, res.stderr
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        if epochs == 3:
+            after_3 = ckpt["model"]
+            assert ckpt["lookahead"] is None or ckpt["lookahead"]["average"] is None
+    state = ckpt["model"]
+    assert ckpt["lookahead"]["average"] is not None
+    assert torch.equal(state["whiten.bias"], after_3["whiten.bias"])
+    assert not torch.equal(state["layers.0.conv1.weight"], after_3["layers.0.conv1.weight"])
+    bundle = build_synthetic(OmegaConf.structured(SyntheticConfig(train_size=512, test_size=64)), batch_size=64,
+                             device=torch.device("cpu"), seed=0)
+    reference = models.build("airbench94", num_classes=10)
+    init_whitening_(reference.whiten, bundle.train.first_images(5000))
+    torch.testing.assert_close(state["whiten.weight"], reference.whiten.weight)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    tta = [r for r in records if r.get("tta")]
+    assert summary["status"] == "completed" and summary["steps"] == 32 and summary["tta"] == 2
+    assert tta[-1]["split"] == "test" and summary["test_acc"] == tta[-1]["acc"]

@@ -17,6 +17,12 @@ class SyntheticConfig:
     channels: int = 3
     train_size: int = 512
     test_size: int = 256
+    # CIFAR's augmentation options (actmem.data.cifar.CifarConfig), off by default: presets that set them
+    # (experiment=airbench94) also run on synthetic data
+    augment: bool = False
+    crop_padding: int = 4
+    padding_mode: str = "zeros"
+    flip: str = "random"
 
 
 @DATASETS.register("synthetic", schema=SyntheticConfig)
@@ -32,5 +38,6 @@ def build_synthetic(cfg, *, batch_size: int, device: torch.device, seed: int) ->
     train, test = (images[:k], labels[:k]), (images[k:], labels[k:])
     # uniform bytes have mean 127.5 and std 255 / sqrt(12): normalised, each pixel has mean 0 and std 1
     return tensor_bundle(train, test, num_classes=cfg.num_classes, mean=(0.5,) * cfg.channels,
-                         std=(12**-0.5,) * cfg.channels, augment=False, batch_size=batch_size, device=device,
-                         seed=seed)
+                         std=(12**-0.5,) * cfg.channels, augment=cfg.augment, batch_size=batch_size,
+                         device=device, seed=seed, crop_padding=cfg.crop_padding, padding_mode=cfg.padding_mode,
+                         flip=cfg.flip)

@@ -29,7 +29,7 @@ from actmem.errors import ConfigError
 from actmem.suite import provenance
 from actmem.suite.base import SECTIONS, Context, Section
 
-SECTION_MODULES = ("correctness", "training", "kernels", "profile", "maxbatch")  # in order of importance
+SECTION_MODULES = ("correctness", "training", "kernels", "profile", "maxbatch", "parity")  # in order of importance
 MIN_SECTION_S = 20.0  # a section given less than this is skipped: it could not even start up
 NO_GPU = ("gpu_suite: there is no CUDA device here (torch.cuda.is_available() is False), and every section "
           "measures on the GPU. Run it where there is an NVIDIA GPU, or pass --dry-run to run every section "

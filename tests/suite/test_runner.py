@@ -37,7 +37,7 @@ def test_only_selects_in_order_of_importance():
 def test_unknown_section_lists_the_valid_ones(capsys):
     assert runner.main(["--only", "correctness,bogus"]) == 2
     err = capsys.readouterr().err
-    assert "'bogus'" in err and "valid sections: correctness, training, kernels, profile, maxbatch" in err
+    assert "'bogus'" in err and "valid sections: correctness, training, kernels, profile, maxbatch, parity" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
