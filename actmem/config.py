@@ -31,6 +31,8 @@ class TrainerConfig:
     progress: bool = True  # a bar per epoch, only when stderr is a terminal
     threads: int | None = None  # torch CPU threads; default: torch's choice
     tta: int = 0  # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px shifts
+    checkpoint_every: int | None = None  # also checkpoint every this many steps (besides each epoch's end)
+    sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
 
 
 @dataclass
@@ -128,6 +130,8 @@ def validate(cfg) -> None:
     t, o = cfg.trainer, cfg.optim
     _check(t.batch_size > 0, f"trainer.batch_size={t.batch_size}: it must be a positive integer, e.g. 128.")
     _check(t.epochs > 0, f"trainer.epochs={t.epochs}: it must be positive (a fraction ends the last epoch early).")
+    _check(t.checkpoint_every is None or t.checkpoint_every > 0,
+           f"trainer.checkpoint_every={t.checkpoint_every}: give a number of steps >= 1, or null for epoch ends only.")
     _check(t.tta in (0, 1, 2), f"trainer.tta={t.tta}: use 0 (no test-time augmentation), 1 (mirror) or 2 (mirror "
                                "and 1-pixel shifts).")
     _check(t.max_steps is None or t.max_steps > 0,

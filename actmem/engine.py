@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from actmem.distributed import SINGLE, World
 from actmem.errors import DivergedError, NonFiniteError
 from actmem.measure import Throughput
 
@@ -38,10 +39,22 @@ class Precision:
 @dataclass
 class EpochResult:
     step: int  # global optimizer step after the epoch
-    loss: float  # mean training loss
-    acc: float  # training top-1, percent
-    img_per_s: float  # over this epoch's timed steps
+    loss: float  # mean training loss, over every rank's samples
+    acc: float  # training top-1, percent, over every rank's samples
+    img_per_s: float  # over this epoch's timed steps, summed over the ranks
     seconds: float
+
+
+@dataclass
+class EpochSums:
+    """What an epoch has summed so far on this rank: a mid-epoch checkpoint keeps it, so that a resumed
+    epoch reports over all its batches, each counted once."""
+
+    batches: int = 0  # batches done in this epoch
+    loss: float = 0.0  # sum of per-sample losses
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0  # time of the timed steps
 
 
 def _bar(loader, desc: str, enabled: bool):
@@ -50,12 +63,21 @@ def _bar(loader, desc: str, enabled: bool):
 
 def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precision: Precision,
                 meter: Throughput, *, epoch: int, step: int, max_steps: int, records, progress: bool,
-                lookahead=None):
+                lookahead=None, world: World = SINGLE, done: EpochSums | None = None, on_step=None):
+    """One epoch, or its rest: `done` is what a mid-epoch checkpoint had summed (the loader starts
+    after its batches). `on_step(step, sums)` runs after every step, `sums()` giving the EpochSums so far
+    (the runner's mid-epoch checkpoints). `model` may be DistributedDataParallel: the loss and accuracy
+    returned are over every rank's samples, img/s the ranks' sum."""
     model.train()
     device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, t_epoch, t_timed = 0, time.perf_counter(), 0.0
+    done = done or EpochSums()
+    loss_sum = torch.tensor(done.loss, device=device)
+    correct = torch.tensor(done.correct, device=device, dtype=torch.long)
+    seen, batches, t_epoch, t_timed = done.seen, done.batches, time.perf_counter(), done.seconds
+
+    def sums() -> EpochSums:
+        return EpochSums(batches, loss_sum.item(), int(correct.item()), seen, t_timed)
+
     bar = _bar(loader, f"epoch {epoch}", progress)
     for x, y in bar:
         if step >= max_steps:
@@ -71,7 +93,7 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
             raise DivergedError(f"training diverged at step {step + 1} (epoch {epoch}): in the forward pass an "
                                 f"activation to compress was already NaN/Inf ({e}) Lower optim.lr, or check the "
                                 "data; the last checkpoint is the last finished epoch.", step + 1) from None
-        _check_finite(loss.detach()[None], "the training loss", step, epoch)
+        _check_finite(loss.detach()[None], "the training loss", step, epoch, world)
         optimizer.zero_grad(set_to_none=True)
         if precision.scaler is not None:  # fp16: the scaler skips steps with NaN/Inf gradients itself
             precision.scaler.scale(loss).backward()
@@ -83,7 +105,7 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
             if grads:
                 _check_finite(torch.stack(torch._foreach_norm(grads)), "a gradient, with the loss finite (it "
                               "overflowed in the backward pass; under a compressed strategy a decoded activation "
-                              "can also be the cause),", step, epoch)
+                              "can also be the cause),", step, epoch, world)
             optimizer.step()
         scheduler.step()
         step += 1
@@ -93,29 +115,36 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
         t_timed += time.perf_counter() - t0
         n = len(x)
         seen += n
+        batches += 1
         loss_sum += loss.detach().float() * n
         correct += (out.argmax(1) == y).sum()
         if records.wants_step(step) or bar.disable is False:
-            loss_now = loss.item()
+            # a logged step's loss is the global batch's (every rank logs on the same steps: a reduction)
+            loss_now = (world.sum(loss.detach().float().clone()).item() / world.size if records.wants_step(step)
+                        else loss.item())
             if records.wants_step(step):
                 records.log({"epoch": epoch, "step": step, "split": "train", "loss": loss_now, "acc": None,
                             "lr": scheduler.get_last_lr()[0], "img_per_s": n / (time.perf_counter() - t0),
                             "time": time.time()})
             bar.set_postfix(loss=f"{loss_now:.3f}", img_s=f"{seen / max(t_timed, 1e-9):.0f}")
+        if on_step is not None:
+            on_step(step, sums)
     bar.close()
-    mean_loss = (loss_sum / max(seen, 1)).item()
-    acc = 100.0 * correct.item() / max(seen, 1)
-    return EpochResult(step, mean_loss, acc, seen / max(t_timed, 1e-9), time.perf_counter() - t_epoch)
+    total = world.sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device)]))
+    loss_all, correct_all, seen_all = total.tolist()
+    img_per_s = world.sum(torch.tensor(seen / max(t_timed, 1e-9), device=device)).item()
+    return EpochResult(step, loss_all / max(seen_all, 1), 100.0 * correct_all / max(seen_all, 1), img_per_s,
+                       time.perf_counter() - t_epoch)
 
 
-def _check_finite(values: torch.Tensor, what: str, step: int, epoch: int) -> None:
+def _check_finite(values: torch.Tensor, what: str, step: int, epoch: int, world: World) -> None:
     """Stop at the first NaN/Inf, before it reaches the weights (one sync a step; GPU steps sync anyway
-    to be timed)."""
-    if not bool(torch.isfinite(values).all()):
-        raise DivergedError(f"training diverged at step {step + 1} (epoch {epoch}): {what} is NaN or Inf. Lower "
-                            "optim.lr (or use warm-up, optim.warmup_epochs), or check the data; the weights were "
-                            "not updated by this step, and the last checkpoint is the last finished epoch.",
-                            step + 1)
+    to be timed). Under DDP every rank takes the decision together, so none is left waiting."""
+    if not world.all_true(bool(torch.isfinite(values).all())):
+        raise DivergedError(f"training diverged at step {step + 1} (epoch {epoch}): {what} is NaN or Inf"
+                            f"{' on some rank' if world.distributed else ''}. Lower optim.lr (or use warm-up, "
+                            "optim.warmup_epochs), or check the data; the weights were not updated by this step, "
+                            "and the last checkpoint is the last finished epoch.", step + 1)
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
@@ -134,9 +163,10 @@ def tta_logits(model: nn.Module, x: torch.Tensor, level: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: bool, tta: int = 0):
-    """Returns (mean loss, top-1 accuracy %) over the whole loader, of the logits with test-time
-    augmentation `tta` (see tta_logits)."""
+def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: bool, tta: int = 0,
+             world: World = SINGLE):
+    """Returns (mean loss, top-1 accuracy %) over the whole loader (every rank's share of the test set),
+    of the logits with test-time augmentation `tta` (see tta_logits)."""
     model.eval()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -148,4 +178,6 @@ def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: 
         loss_sum += loss_fn(out.float(), y) * len(x)
         correct += (out.argmax(1) == y).sum()
         seen += len(x)
-    return (loss_sum / max(seen, 1)).item(), 100.0 * correct.item() / max(seen, 1)
+    loss_all, correct_all, seen_all = world.sum(torch.stack(
+        [loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device)])).tolist()
+    return loss_all / max(seen_all, 1), 100.0 * correct_all / max(seen_all, 1)

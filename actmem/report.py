@@ -12,7 +12,7 @@ import pandas as pd
 MB = 2**20
 COLUMNS = ["dataset", "model", "strategy", "bits", "batch", "status", "epochs", "test_acc", "activation_MB",
            "activation_ratio", "step_peak_MB", "peak_memory_MB", "peak_rss_MB", "img_per_s", "throughput_vs_exact",
-           "run"]
+           "reason", "run"]
 
 
 def _bits(strategy_config: dict | None) -> str | None:
@@ -41,7 +41,9 @@ def load_runs(paths) -> pd.DataFrame:
                 "activation_MB": mb(s.get("activation_bytes")), "activation_ratio": s.get("activation_ratio"),
                 "step_peak_MB": mb(s.get("peak_tensor_bytes")), "peak_memory_MB": mb(s.get("peak_memory_bytes")),
                 "peak_rss_MB": mb(s.get("peak_rss_bytes")),
-                "img_per_s": s.get("throughput_img_s"), "run": str(f.parent),
+                "img_per_s": s.get("throughput_img_s"),
+                "reason": s.get("error"),  # why a run failed or was interrupted; none for a completed one
+                "run": str(f.parent),
             })
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "throughput_vs_exact"])
     return add_relative_throughput(df)
@@ -82,10 +84,17 @@ def render(df: pd.DataFrame, fmt: str) -> str:
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "latex":
-        return shown.to_latex(index=False, float_format="%.2f", na_rep="--")
-    shown = shown.astype({"bits": object}).where(shown.notna(), None)  # tabulate's missingval takes None
+        # escaped: model names hold "_", a failure's reason may hold "%" or "&"
+        return shown.to_latex(index=False, float_format="%.2f", na_rep="--", escape=True)
+    shown = shown.assign(reason=shown.reason.map(_md_cell))
+    shown = shown.astype(object).where(shown.notna(), None)  # tabulate's missingval takes None, not NaN
     return shown.to_markdown(index=False, floatfmt=".2f", missingval="-",
                              disable_numparse=[shown.columns.get_loc("bits")])  # "2" stays "2", not 2.00
+
+
+def _md_cell(text: str | None) -> str | None:
+    """One line with its pipes escaped: a reason may span lines or hold "a|b", which would break the row."""
+    return " ".join(text.split()).replace("|", "\\|") if isinstance(text, str) else text
 
 
 def plot(df: pd.DataFrame, out: Path) -> None:

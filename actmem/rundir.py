@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from actmem.errors import ConfigError
-from actmem.loggers import LOGGERS
+from actmem.loggers import LOGGERS, EpochsOnly, Logger
 from actmem.provenance import git_commit, versions
 
 SUMMARY, METRICS = "summary.json", "metrics.jsonl"
@@ -31,6 +31,7 @@ CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 # What a restart may change: the length of the run (the schedule is then laid out for the new length from
 # the step reached), and how it reports or where it runs. Anything else makes it another run.
 RESUMABLE = ("trainer.epochs", "trainer.max_steps", "trainer.progress", "trainer.device", "trainer.threads",
+             "trainer.checkpoint_every",
              "trainer.measure_activations", "trainer.warmup_steps", "logger.", "debug")
 LENGTH = ("epochs", "max_steps")
 
@@ -63,11 +64,13 @@ def paragraph(text: str) -> str:
 class RunDirectory:
     """One run's directory. Construct it first: it reads what the directory already holds and raises
     ConfigError if that is another run. What it logs besides epoch records is the logger's choice
-    (actmem.loggers)."""
+    (actmem.loggers). With writes=False (the ranks of a data-parallel run other than rank 0) it reads
+    but writes nothing: summary, metrics and checkpoint are rank 0's."""
 
-    def __init__(self, path: Path, cfg: DictConfig):
+    def __init__(self, path: Path, cfg: DictConfig, writes: bool = True):
         self.path = Path(path)
         self.cfg = cfg
+        self.writes = writes
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.previous = self._previous_summary()
         self.summary: dict = {}
@@ -104,11 +107,14 @@ class RunDirectory:
         except OSError as e:
             raise ConfigError(f"cannot write {e.filename} ({e.strerror}). Give the run a directory it can write, "
                               "e.g. hydra.run.dir=outputs/NAME.") from None
-        self.logger = LOGGERS.get(cfg.logger.name).fn(self.path, cfg.logger, self.config)
+        # The other ranks of a torchrun job log nothing but keep the cadence: logged steps reduce the loss.
+        self.logger = (LOGGERS.get(cfg.logger.name).fn if self.writes else
+                       EpochsOnly if cfg.logger.name == "none" else Logger)(self.path, cfg.logger, self.config)
 
     def update(self, **fields) -> None:
         self.summary.update(fields)
-        write_json_atomic(self.path / SUMMARY, self.summary)
+        if self.writes:
+            write_json_atomic(self.path / SUMMARY, self.summary)
 
     def finish(self, status: str, **fields) -> None:
         """The final summary (completed, failed or interrupted); closes the logger."""
@@ -121,6 +127,8 @@ class RunDirectory:
         return self.logger is not None and self.logger.log_every > 0 and step % self.logger.log_every == 0
 
     def log(self, record: dict) -> None:
+        if not self.writes:
+            return
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(strict(record), allow_nan=False) + "\n")
         if self.logger is not None:
@@ -129,12 +137,17 @@ class RunDirectory:
     # ---------------------------------------------------------------- checkpoint.pt
 
     def save(self, *, model, optimizer, scheduler, scaler, epoch: int, step: int, progress: dict,
-             lookahead=None) -> None:
-        """`epoch`: epochs completed; `progress`: the loop's running figures (best accuracy, ...)."""
+             lookahead=None, in_epoch: list[dict] | None = None, ranks: list[dict] | None = None) -> None:
+        """`epoch`: epochs completed; `progress`: the loop's running figures (best accuracy, ...);
+        `in_epoch`: for a checkpoint inside an epoch, what that epoch has summed on each rank
+        (engine.EpochSums); `ranks`: each rank's own state, in rank order: {"rng": rng_state(), ...}
+        (default: this process's RNG states)."""
+        if not self.writes:
+            return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
                  "lookahead": lookahead.state_dict() if lookahead else None, "epoch": epoch, "step": step,
-                 "progress": progress, "rng": _rng_state()}
+                 "in_epoch": in_epoch, "progress": progress, "ranks": ranks or [{"rng": rng_state()}]}
         path = self.path / CHECKPOINT
         tmp = path.with_name(CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -142,9 +155,11 @@ class RunDirectory:
             os.replace(path, self.path / PREVIOUS)
         os.replace(tmp, path)
 
-    def resume(self, *, model, optimizer, scheduler, scaler, device, lookahead=None) -> dict | None:
-        """Restore the saved state in place and bring the summary up to it; returns {epoch, step,
-        progress}, or None when there is nothing to resume."""
+    def resume(self, *, model, optimizer, scheduler, scaler, device, lookahead=None, rank: int = 0,
+               world_size: int = 1) -> dict | None:
+        """Restore the saved state in place (rank `rank`'s RNG states), drop the metrics records past it, and
+        bring the summary up to it; returns {epoch, step, progress, in_epoch, rank: this rank's saved state},
+        or None when there is nothing to resume."""
         state = self._readable_checkpoint(device)
         if state is None:
             return None
@@ -155,11 +170,30 @@ class RunDirectory:
             scaler.load_state_dict(state["scaler"])
         if lookahead and state.get("lookahead"):
             lookahead.load_state_dict(state["lookahead"])
-        _set_rng_state(state["rng"])
-        print(f"Resuming from {self.path / CHECKPOINT}: {state['epoch']} epoch(s), {state['step']} step(s) done.",
-              flush=True)
+        ranks = state["ranks"] if "ranks" in state else [{"rng": state["rng"]}]  # before data-parallel runs
+        if len(ranks) != world_size:
+            raise ConfigError(f"{self.path} holds a run trained with {len(ranks)} process(es) (torchrun's "
+                              f"--nproc_per_node); this start has {world_size}. The global batch would change: "
+                              f"resume with {len(ranks)}, or start this run in a fresh directory.")
+        _set_rng_state(ranks[rank]["rng"])
+        if self.writes:
+            print(f"Resuming from {self.path / CHECKPOINT}: {state['epoch']} epoch(s), {state['step']} step(s) "
+                  "done.", flush=True)
+            self._drop_records_after(state["step"])
         self.update(epochs=state["epoch"], steps=state["step"], **state["progress"])
-        return {"epoch": state["epoch"], "step": state["step"], "progress": state["progress"]}
+        return {"epoch": state["epoch"], "step": state["step"], "progress": state["progress"],
+                "in_epoch": state.get("in_epoch"), "rank": ranks[rank]}
+
+    def _drop_records_after(self, step: int) -> None:
+        """metrics.jsonl without the records of steps the checkpoint does not hold: they are trained again,
+        and a step (or an epoch) must not appear twice."""
+        path = self.path / METRICS
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= step]
+        tmp = path.with_name(METRICS + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
     # ---------------------------------------------------------------- what the directory already holds
 
@@ -238,6 +272,14 @@ def _make_dir(path: str, key: str) -> None:
         sys.exit(2)
 
 
+def _step_of(line: str) -> float:
+    """A metrics record's step; infinite for a line a killed run left half written (dropped with the rest)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -248,7 +290,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

@@ -8,27 +8,36 @@ import random
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import numpy as np
 import torch
 import torch.nn as nn
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 
 from actmem import data, models, strategies
 from actmem.config import register_configs, validate
-from actmem.data.loader import TensorLoader
-from actmem.engine import Precision, evaluate, train_epoch
+from actmem.data.loader import TensorLoader, epoch_seed
+from actmem.distributed import SINGLE, World, start_time
+from actmem.engine import EpochSums, Precision, evaluate, train_epoch
 from actmem.errors import ActmemError, ConfigError, DivergedError
 from actmem.lookahead import Lookahead
 from actmem.measure import Throughput, activation_bytes, peak_gpu_bytes, peak_rss_bytes, reset_peak_rss, step_peak
 from actmem.optim import build_optimizer, build_scheduler, set_trainable
-from actmem.rundir import RunDirectory, paragraph
+from actmem.rundir import RunDirectory, paragraph, rng_state
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 register_configs()
+# use_cache: one time per process, so that every directory of a sweep (and a requeued job) agrees
+OmegaConf.register_new_resolver("actmem_now", lambda fmt: start_time().strftime(fmt), replace=True, use_cache=True)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,17 +103,22 @@ def measure_step_peak(model: nn.Module, optimizer, batch, precision: Precision):
     return peak
 
 
-def run(cfg: DictConfig, directory: RunDirectory) -> None:
+def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None:
+    """Train as `cfg` says, into `directory`; under torchrun `world` is this rank's place in the job."""
     t_start = time.perf_counter()
     reset_peak_rss()
     validate(cfg)
     trainer = cfg.trainer
-    device = resolve_device(trainer.device)
+    device = world.device(resolve_device(trainer.device))
+    if trainer.sync_bn and world.distributed and device.type != "cuda":
+        raise ConfigError("trainer.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only. Use "
+                          "trainer.sync_bn=false on the CPU (each rank normalises with its own batch's statistics).")
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     seed_everything(cfg.seed, trainer.deterministic)
     strategy_cfg = strategies.resolve(cfg.strategy)
-    bundle = data.build(cfg.dataset, batch_size=trainer.batch_size, device=device, seed=cfg.seed)
+    bundle = data.build(cfg.dataset, batch_size=trainer.batch_size, device=device, seed=cfg.seed, rank=world.rank,
+                        world_size=world.size)
     check_input(cfg.model.name, bundle.image_shape, cfg.dataset.name)
     model = models.build(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.kwargs).to(device)
     precision = Precision.build(trainer.amp, device, trainer.channels_last)
@@ -112,11 +126,14 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
         model = model.to(memory_format=torch.channels_last)
     models.init_from_data(cfg.model.name, model, lambda: first_train_images(bundle, cfg.model.name,
                                                                            cfg.dataset.name))
-    directory.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    directory.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     world_size=world.size, global_batch_size=trainer.batch_size * world.size)
 
     probe = next(iter(bundle.train)) if trainer.measure_activations else None
     exact_bytes = measure_activations(model, probe, precision) if probe else None
     model = strategies.apply(model, strategy_cfg)
+    if trainer.sync_bn and world.distributed:
+        model = sync_batchnorm(model, cfg.strategy.name)
     strategy_bytes = measure_activations(model, probe, precision) if probe else None
     directory.update(activation_bytes=strategy_bytes, activation_bytes_exact=exact_bytes,
                      activation_ratio=exact_bytes / strategy_bytes if probe and strategy_bytes else None)
@@ -134,11 +151,31 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
         peak = measure_step_peak(model, optimizer, probe, precision)
         directory.update(peak_tensor_bytes=peak.bytes, peak_breakdown={**peak.breakdown, "phase": peak.phase})
     del probe
-
+    if world.rank > 0:  # rank 0 draws what a single process would; the others draw streams of their own
+        torch.manual_seed(epoch_seed(cfg.seed, 1_000_003 * world.rank))
     state = directory.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                             device=device, lookahead=lookahead)
+                             device=device, lookahead=lookahead, rank=world.rank, world_size=world.size)
     start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     progress = state["progress"] if state else {"best_test_acc": None, "test_acc": None, "train_loss": None}
+    done = EpochSums(**state["in_epoch"][world.rank]) if state and state["in_epoch"] else None
+    if state and "codecs" in state["rank"]:
+        strategies.load_codec_states(model, state["rank"]["codecs"])
+    # A group that stops training (optim.groups[].train_epochs) leaves parameters without gradients.
+    freezes = any(g.train_epochs is not None for g in cfg.optim.groups)
+    trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=freezes) if world.distributed else model
+
+    def save(epoch: int, step: int, in_epoch=None) -> None:
+        """A checkpoint (rank 0 writes it; every rank's RNG states, codec states and epoch sums go in)."""
+        ranks = world.gather({"rng": rng_state(), "codecs": strategies.codec_states(model)})
+        directory.save(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler, epoch=epoch,
+                       step=step, progress=progress, lookahead=lookahead, ranks=ranks,
+                       in_epoch=world.gather(asdict(in_epoch)) if in_epoch else None)
+
+    def on_step(step: int, sums) -> None:
+        if trainer.checkpoint_every and step % trainer.checkpoint_every == 0 and step < total_steps:
+            save(epoch, step, in_epoch=sums())
+            directory.update(steps=step)
 
     # Short runs (smoke tests) still get a figure: at least the last two steps are timed.
     meter = Throughput(device, min(trainer.warmup_steps, max(total_steps - step - 2, 0)))
@@ -147,15 +184,15 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
     for epoch in range(start_epoch, math.ceil(trainer.epochs)):
         if step >= total_steps:
             break
-        bundle.train.set_epoch(epoch)
+        bundle.train.set_epoch(epoch, start_batch=done.batches if done else 0)
         set_trainable(model, cfg.optim, epoch)
-        result = train_epoch(model, bundle.train, optimizer, scheduler, train_loss_fn, precision, meter,
+        result = train_epoch(trained, bundle.train, optimizer, scheduler, train_loss_fn, precision, meter,
                              epoch=epoch, step=step, max_steps=total_steps, records=directory,
-                             progress=trainer.progress, lookahead=lookahead)
-        step = result.step
+                             progress=trainer.progress, lookahead=lookahead, world=world, done=done, on_step=on_step)
+        step, done = result.step, None
         if lookahead is not None:
             lookahead.end_epoch(model)
-        test_loss, test_acc = evaluate(model, bundle.test, test_loss_fn, precision, trainer.progress)
+        test_loss, test_acc = evaluate(model, bundle.test, test_loss_fn, precision, trainer.progress, world=world)
         now = time.time()
         directory.log({"epoch": epoch, "step": step, "split": "train", "loss": result.loss, "acc": result.acc,
                        "lr": scheduler.get_last_lr()[0], "img_per_s": result.img_per_s, "time": now})
@@ -163,25 +200,42 @@ def run(cfg: DictConfig, directory: RunDirectory) -> None:
                        "lr": scheduler.get_last_lr()[0], "img_per_s": None, "time": now})
         best = max(test_acc, progress["best_test_acc"] or 0.0)
         progress = {"best_test_acc": best, "test_acc": test_acc, "train_loss": result.loss}
-        print(f"epoch {epoch}: train loss {result.loss:.4f} acc {result.acc:.2f}% | test loss {test_loss:.4f} "
-              f"acc {test_acc:.2f}% | {result.img_per_s:.0f} img/s", flush=True)
-        directory.save(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                       epoch=epoch + 1, step=step, progress=progress, lookahead=lookahead)
+        if world.main:
+            print(f"epoch {epoch}: train loss {result.loss:.4f} acc {result.acc:.2f}% | test loss {test_loss:.4f} "
+                  f"acc {test_acc:.2f}% | {result.img_per_s:.0f} img/s", flush=True)
+        save(epoch + 1, step)
         directory.update(epochs=epoch + 1, steps=step, **progress)
     if trainer.tta:
-        final_tta(model, bundle.test, test_loss_fn, precision, directory, trainer, step)
-    directory.finish("completed", peak_memory_bytes=peak_gpu_bytes(device), peak_rss_bytes=peak_rss_bytes(),
-                     throughput_img_s=meter.img_per_s, wall_time_s=time.perf_counter() - t_start)
+        final_tta(model, bundle.test, test_loss_fn, precision, directory, trainer, step, world)
+    directory.finish("completed", peak_memory_bytes=world.max(peak_gpu_bytes(device)),
+                     peak_rss_bytes=world.max(peak_rss_bytes()), throughput_img_s=world.sum(
+                         torch.tensor(meter.img_per_s or 0.0, dtype=torch.float64, device=device)).item() or None,
+                     wall_time_s=time.perf_counter() - t_start)
 
 
-def final_tta(model, loader, loss_fn, precision, directory, trainer, step: int) -> None:
+def sync_batchnorm(model: nn.Module, strategy: str) -> nn.Module:
+    """trainer.sync_bn under torchrun: the model's BatchNorms as SyncBatchNorm (statistics over the global
+    batch). A strategy that put its own BatchNorm in their place (actnn, division, blpa: they keep its
+    input compressed) normalises per rank, so the two are refused together."""
+    own = sorted({type(m).__name__ for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in PLAIN_BATCHNORMS})
+    if own:
+        raise ConfigError(f"trainer.sync_bn=true cannot go with strategy={strategy}: it replaces BatchNorm with "
+                          f"its own layer ({', '.join(own)}), which normalises with each rank's statistics. Use "
+                          "trainer.sync_bn=false (per-rank statistics, as DIVISION's torchrun runs train), or a "
+                          "strategy that leaves BatchNorm alone (exact, checkpoint, fewbit, forward_ad).")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def final_tta(model, loader, loss_fn, precision, directory, trainer, step: int, world: World) -> None:
     """The trained model's test accuracy under test-time augmentation (trainer.tta): a test record with
     "tta": level, and the summary's test_acc (the last plain evaluation stays in metrics.jsonl)."""
-    loss, acc = evaluate(model, loader, loss_fn, precision, trainer.progress, tta=trainer.tta)
+    loss, acc = evaluate(model, loader, loss_fn, precision, trainer.progress, tta=trainer.tta, world=world)
     epochs = directory.summary["epochs"]
     directory.log({"epoch": epochs - 1, "step": step, "split": "test", "loss": loss, "acc": acc, "lr": None,
                    "img_per_s": None, "time": time.time(), "tta": trainer.tta})
-    print(f"test-time augmentation (level {trainer.tta}): test loss {loss:.4f} acc {acc:.2f}%", flush=True)
+    if world.main:
+        print(f"test-time augmentation (level {trainer.tta}): test loss {loss:.4f} acc {acc:.2f}%", flush=True)
     directory.update(test_acc=acc, tta=trainer.tta)
 
 
@@ -197,52 +251,108 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+class JobFailed(CompactHydraException):
+    """A failed job of a sweep (-m): raised instead of exiting, so that the launcher goes on with the other
+    jobs and Hydra ends the sweep non-zero with this message (no traceback)."""
+
+
+def _fail(status: int, message: str) -> NoReturn:
+    """Print `message`; exit with `status`, or in a sweep raise JobFailed so that the other jobs still run."""
+    print(message, file=sys.stderr)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(f"{message} (exit status {status})")
+    sys.exit(status)
+
+
+def _hold_signals() -> None:
+    """While a stopped run records why: a second SIGTERM (torchrun's, after the peer's death it is
+    reporting) must not cut that short."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(signum, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
+def lost_ranks(world: World) -> str:
+    """On rank 0 of a torchrun job that stopped: which other ranks failed or died first, in words ("" if
+    none did: the whole job was stopped, by a scheduler or Ctrl-C)."""
+    parts = []
+    for rank, why in world.peers_status().items():
+        if why is None:
+            parts.append(f"rank {rank} stopped without a word (killed, e.g. by SIGKILL or the out-of-memory "
+                         "killer)")
+        elif why != "signal":
+            parts.append(f"rank {rank} failed ({why})")
+    return "; ".join(parts) + ("; torchrun then stopped the other ranks" if parts else "")
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        directory = RunDirectory(run_dir, cfg)  # refuses another run's directory before touching it
+        world = World.setup(resolve_device(cfg.trainer.device))
+        # Refuses another run's directory before touching it; under torchrun only rank 0 writes.
+        directory = RunDirectory(run_dir, cfg, writes=world.main)
         if directory.finished:
-            print(f"{run_dir} holds this run, completed ({directory.previous.get('epochs')} epoch(s)); nothing "
-                  "to do. Give more trainer.epochs to train on.")
+            if world.main:
+                print(f"{run_dir} holds this run, completed ({directory.previous.get('epochs')} epoch(s)); "
+                      "nothing to do. Give more trainer.epochs to train on.")
+            world.close()
             return
         directory.start()
     except ActmemError as e:
-        print(paragraph(f"Error: {e}"), file=sys.stderr)
-        sys.exit(2)
+        _fail(2, paragraph(f"Error: {e}"))
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(signum, _interrupt)
         except ValueError:  # not the main thread (a launcher's worker): its signals stay as they were
             pass
     try:
-        run(cfg, directory)
+        run(cfg, directory, world)
     except Interrupted as e:
-        directory.finish("interrupted", error=f"stopped by {e}")
+        _hold_signals()
+        world.record_stop("signal")
+        lost = lost_ranks(world) if world.main and world.distributed else ""
+        if not world.main:
+            sys.exit(128 + e.signum)
+        directory.finish("failed" if lost else "interrupted", error=f"{lost}; this rank stopped by {e}" if lost
+                         else f"stopped by {e}")
         done = directory.summary["epochs"]
-        print(paragraph(f"Interrupted by {e}. {run_dir} keeps the checkpoint of its last finished epoch "
-                        f"({done} done); run the same command with hydra.run.dir={run_dir} to resume from it."
-                        if directory.has_checkpoint else
-                        f"Interrupted by {e} before the first epoch finished: there is no checkpoint to resume "
-                        "from; run the command again to start over."), file=sys.stderr)
-        sys.exit(128 + e.signum)
+        kept = directory.has_checkpoint
+        print(paragraph(f"{'Failed: ' + lost if lost else 'Interrupted by ' + str(e)}. "
+                        + (f"{run_dir} keeps its last checkpoint ({done} epoch(s) done); run the same command with "
+                           f"hydra.run.dir={run_dir} to resume from it." if kept else
+                           "There is no checkpoint to resume from yet; run the command again to start over.")),
+              file=sys.stderr)
+        sys.exit(1 if lost else 128 + e.signum)
     except ActmemError as e:
+        _hold_signals()
+        world.record_stop(f"{type(e).__name__}: {e}")
         failed_at = {"failed_step": e.step} if isinstance(e, DivergedError) else {}
         directory.finish("failed", error=str(e), **failed_at)
         if cfg.debug:
             raise
-        print(paragraph(f"Error: {e}"), file=sys.stderr)
-        sys.exit(2)
+        _fail(2, paragraph(f"Error{'' if world.main else f' on rank {world.rank}'}: {e}"))
     except Exception as e:  # a failed run: record it, say what broke, keep the traceback behind debug=true
-        directory.finish("failed", error=f"{type(e).__name__}: {e}")
+        _hold_signals()
+        world.record_stop(f"{type(e).__name__}: {e}")
+        lost = lost_ranks(world) if world.main and world.distributed else ""
+        error = f"{type(e).__name__}: {e}"
+        directory.finish("failed", error=f"{lost}; here {error}" if lost else error)
         if cfg.debug:
             raise
-        kept = (f"The run directory {run_dir} keeps the checkpoint of the last finished epoch"
-                if directory.has_checkpoint else f"No epoch had finished, so {run_dir} holds no checkpoint")
-        print(paragraph(f"Run failed: {type(e).__name__}: {e}. {kept}; run again with debug=true for the "
-                        "traceback."), file=sys.stderr)
-        sys.exit(1)
+        kept = (f"The run directory {run_dir} keeps its last checkpoint" if directory.has_checkpoint
+                else f"No checkpoint was written yet, so {run_dir} holds none")
+        _fail(1, paragraph(f"Run failed{'' if world.main else f' on rank {world.rank}'}: "
+                           f"{lost + '; here ' if lost else ''}{type(e).__name__}: {e}. {kept}; run again with "
+                           "debug=true for the traceback."))
+    world.close()
 
 
 if __name__ == "__main__":
-    main()
+    # hydra/launcher=submitit_* pickles main: taken from __main__ it would go by value with every global it
+    # reaches (torch.backends.cudnn cannot be pickled); from the importable module it goes by name.
+    from actmem.train import main as importable_main
+
+    importable_main()

@@ -1,8 +1,11 @@
 """python -m actmem.report on hand-written summaries."""
+import io
 import json
+import re
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 from helpers import REPO
 
@@ -48,6 +51,28 @@ def test_formats_and_plot(tmp_path, fmt, marker):
     assert main([str(tmp_path / "runs"), "--format", fmt, "--out", str(out), "--plot", str(png)]) == 0
     assert marker in out.read_text()
     assert png.stat().st_size > 1000
+
+
+def test_a_failed_run_shows_its_reason_in_every_format(tmp_path):
+    """summary.json's "error" is the reason column ("-" for a completed run), on one line in md and escaped in
+    LaTeX; a failed run's missing figures print "-", not "nan"."""
+    _summary(tmp_path / "ok", "exact", 100.0)
+    _summary(tmp_path / "bad", "actnn", None, status="failed", bits=2)
+    reason = "optim.lr=inf: must be positive (none|bf16),\n50% & more"
+    s = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    (tmp_path / "bad" / "summary.json").write_text(json.dumps({**s, "error": reason}))
+    runs = load_runs([tmp_path])
+    assert runs.set_index("strategy").reason.fillna("-").to_dict() == {"exact": "-", "actnn": reason}
+    header, _, *rows = render(runs, "md").splitlines()
+    names = [c.strip() for c in header.split("|")[1:-1]]
+    table = [dict(zip(names, (c.strip() for c in re.split(r"(?<!\\)\|", r)[1:-1]))) for r in rows]
+    by_strategy = {row["strategy"]: row for row in table}
+    assert names[-1] == "reason" and len(rows) == 2 and by_strategy["exact"]["reason"] == "-"
+    assert by_strategy["actnn"]["reason"] == "optim.lr=inf: must be positive (none\\|bf16), 50% & more"
+    assert by_strategy["actnn"]["img_per_s"] == "-"
+    assert reason in pd.read_csv(io.StringIO(render(runs, "csv"))).reason.tolist()
+    latex = render(runs, "latex")
+    assert "(none|bf16), 50\\% \\& more" in " ".join(latex.split()) and "test\\_acc" in latex
 
 
 def test_cli_errors_on_empty_or_missing_paths(tmp_path):

@@ -231,7 +231,7 @@ def test_a_run_that_breaks_in_training_records_failed_and_says_whether_a_checkpo
                     "model=resnet50", "trainer.batch_size=4", "trainer.max_steps=2", "logger=none", run_dir=run_dir)
     said = " ".join(res.stderr.split())
     assert res.returncode == 1 and "Traceback" not in said and "Run failed: UnidentifiedImageError" in said, said
-    assert "holds no checkpoint" in said and not (run_dir / "checkpoint.pt").exists()
+    assert "No checkpoint was written yet" in said and not (run_dir / "checkpoint.pt").exists()
     summary = _strict_json(run_dir / "summary.json")
     assert summary["status"] == "failed" and "UnidentifiedImageError" in summary["error"]
 

@@ -1,6 +1,7 @@
 """Datasets: `build(cfg, ...)` -> DataBundle of train/test loaders whose batches are already on the device.
 
-One module per family registers its builder and config schema in DATASETS (the `dataset=` group).
+One module per family registers its builder and config schema in DATASETS (the `dataset=` group); each
+builder takes the data-parallel `rank` and `world_size` and serves that rank's shard.
 """
 from __future__ import annotations
 
@@ -29,10 +30,15 @@ def _fields(cfg) -> dict:
     raise TypeError(f"dataset config must be a DictConfig, dict or dataclass, not {type(cfg).__name__}")
 
 
-def build(cfg, *, batch_size: int, device: torch.device | str, seed: int) -> DataBundle:
-    """The dataset `cfg.name` with the rest of cfg as its schema's fields (defaults for those left out)."""
+def build(cfg, *, batch_size: int, device: torch.device | str, seed: int, rank: int = 0,
+          world_size: int = 1) -> DataBundle:
+    """The dataset `cfg.name` with the rest of cfg as its schema's fields (defaults for those left out),
+    as rank `rank` of `world_size` data-parallel processes sees it; `batch_size` is per rank."""
     fields = _fields(cfg)
     entry = DATASETS.check_settings(fields.get("name"), fields, "dataset")
     if batch_size < 1:
         raise ConfigError(f"trainer.batch_size={batch_size}: it must be a positive integer, e.g. 128.")
-    return entry.fn(entry.schema(**fields), batch_size=batch_size, device=torch.device(device), seed=seed)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} of world_size={world_size}: a rank is in [0, world_size)")
+    return entry.fn(entry.schema(**fields), batch_size=batch_size, device=torch.device(device), seed=seed,
+                    rank=rank, world_size=world_size)

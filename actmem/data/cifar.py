@@ -188,7 +188,7 @@ def load(name: str, root: Path, allow_download: bool):
     return tuple(train), tuple(test), classes
 
 
-def build(name: str, cfg, *, batch_size: int, device: torch.device, seed: int):
+def build(name: str, cfg, *, batch_size: int, device: torch.device, seed: int, rank: int, world_size: int):
     spec = SPECS[name]
     check_augmentation(cfg.crop_padding, cfg.padding_mode, cfg.flip)  # before loading the images
     train, test, _ = load(name, resolve_root(cfg.root), cfg.download)
@@ -200,14 +200,15 @@ def build(name: str, cfg, *, batch_size: int, device: torch.device, seed: int):
         test = (test[0][idx], test[1][idx])
     return tensor_bundle(train, test, num_classes=spec.num_classes, mean=spec.mean, std=spec.std,
                          augment=cfg.augment, batch_size=batch_size, device=device, seed=seed,
-                         crop_padding=cfg.crop_padding, padding_mode=cfg.padding_mode, flip=cfg.flip)
+                         crop_padding=cfg.crop_padding, padding_mode=cfg.padding_mode, flip=cfg.flip,
+                         rank=rank, world_size=world_size)
 
 
 @DATASETS.register("cifar10", schema=CifarConfig)
-def build_cifar10(cfg, *, batch_size: int, device: torch.device, seed: int):
-    return build("cifar10", cfg, batch_size=batch_size, device=device, seed=seed)
+def build_cifar10(cfg, *, batch_size: int, device: torch.device, seed: int, rank: int = 0, world_size: int = 1):
+    return build("cifar10", cfg, batch_size=batch_size, device=device, seed=seed, rank=rank, world_size=world_size)
 
 
 @DATASETS.register("cifar100", schema=Cifar100Config)
-def build_cifar100(cfg, *, batch_size: int, device: torch.device, seed: int):
-    return build("cifar100", cfg, batch_size=batch_size, device=device, seed=seed)
+def build_cifar100(cfg, *, batch_size: int, device: torch.device, seed: int, rank: int = 0, world_size: int = 1):
+    return build("cifar100", cfg, batch_size=batch_size, device=device, seed=seed, rank=rank, world_size=world_size)

@@ -1,13 +1,17 @@
 """ImageNet (or any tree in its layout, e.g. Imagenette) through ImageFolder and DataLoader workers.
 
 Workers decode and crop to uint8; the batch goes to the device as uint8 and is normalised there.
+Under data parallelism each rank reads only its shard: a DistributedSampler's per-epoch share of the
+training set (reshuffled from (seed, epoch), so a resumed run reads the same), and a contiguous share
+of the test set, without the padding with repeats a DistributedSampler would add, so that summing the
+ranks' test counts counts every image once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
@@ -17,10 +21,13 @@ from actmem.data.loader import (
     DeviceLoader,
     Normalize,
     balanced_subset,
+    check_train_size,
+    contiguous_share,
+    epoch_seed,
     resolve_root,
     usable_cores,
 )
-from actmem.errors import ActmemError, ConfigError, DataNotFoundError
+from actmem.errors import ActmemError, DataNotFoundError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -64,23 +71,36 @@ def split(cfg, train: bool):
     return data
 
 
+def rank_share(data: Dataset, train: bool, *, seed: int, rank: int, world_size: int
+               ) -> tuple[Dataset, Sampler | None]:
+    """(dataset, sampler) of rank's part of `data`; a single process keeps DataLoader's own shuffle. The
+    sampler's seed + epoch is epoch_seed(seed, epoch); drop_last gives every rank as many steps."""
+    if world_size == 1:
+        return data, None
+    if train:
+        return data, DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True,
+                                        seed=epoch_seed(seed, 0), drop_last=True)
+    return Subset(data, range(*contiguous_share(len(data), rank, world_size))), None
+
+
 @DATASETS.register("imagenet", schema=ImageNetConfig)
-def build_imagenet(cfg, *, batch_size: int, device: torch.device, seed: int) -> DataBundle:
+def build_imagenet(cfg, *, batch_size: int, device: torch.device, seed: int, rank: int = 0,
+                   world_size: int = 1) -> DataBundle:
     train, test = split(cfg, train=True), split(cfg, train=False)
     classes, test_classes = ((d.dataset if isinstance(d, Subset) else d).classes for d in (train, test))
     if classes != test_classes:
         raise ActmemError(f"{cfg.root}/train and {cfg.root}/{cfg.val_dir} have different class folders; "
                           "both must hold the same <wnid> folders (fix the layout or dataset.val_dir).")
-    if len(train) < batch_size:
-        raise ConfigError(f"The training set has {len(train)} images, fewer than trainer.batch_size={batch_size}: "
-                          "lower trainer.batch_size or raise dataset.train_subset.")
+    check_train_size(len(train), batch_size, world_size)
     workers = max(0, min(cfg.workers, usable_cores()))
     norm = Normalize(MEAN, STD, device)
 
     def loader(data, train: bool) -> DeviceLoader:
-        dl = DataLoader(data, batch_size, shuffle=train, drop_last=train, num_workers=workers,
-                        pin_memory=device.type == "cuda", generator=torch.Generator())
-        return DeviceLoader(dl, norm, device, seed)
+        data, sampler = rank_share(data, train, seed=seed, rank=rank, world_size=world_size)
+        dl = DataLoader(data, batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
+                        num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+        return DeviceLoader(dl, norm, device, seed, rank=rank)
 
     return DataBundle(train=loader(train, True), test=loader(test, False), num_classes=len(classes),
-                      image_shape=(3, cfg.image_size, cfg.image_size), train_size=len(train), test_size=len(test))
+                      image_shape=(3, cfg.image_size, cfg.image_size), train_size=len(train), test_size=len(test),
+                      rank=rank, world_size=world_size)

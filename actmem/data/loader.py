@@ -5,10 +5,17 @@ no data, and augmentation (pad + crop, with zero or reflect padding, and a rando
 is two gathers over the batch. `DeviceLoader` wraps a torch DataLoader of uint8 batches (ImageNet) and
 moves them to the device. Both normalise on the device, and draw every random number from (seed, epoch)
 -- alternating flips from the seed alone -- so a resumed run sees the same order and augmentation as an
-uninterrupted one.
+uninterrupted one; `set_epoch(epoch, start_batch)` resumes mid-epoch with the batches the uninterrupted
+epoch would have yielded from there.
+
+Data-parallel training (rank r of world_size processes) gives each rank its own shard of every epoch
+and a disjoint contiguous share of the test set; `batch_size` is the per-rank batch. TensorLoader's
+ranks cut one shared order and augmentation into consecutive per-rank slices, so N ranks with batch b
+train on exactly the samples of one process with batch N * b.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -17,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import to_absolute_path
+from torch.utils.data import DistributedSampler
 
 from actmem.errors import ConfigError
 from actmem.registry import Registry
@@ -24,9 +32,38 @@ from actmem.registry import Registry
 DATASETS = Registry("dataset")
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """One RNG seed per (run seed, epoch): every epoch differs, and none depends on what ran before."""
-    return (seed * 1_000_003 + epoch) % 2**63
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """One RNG seed per (run seed, epoch): every epoch differs, and none depends on what ran before.
+    `rank` gives data-parallel ranks their own streams where they must differ; rank 0's is the
+    single-process seed. Ranks are 2**20 apart, not more: a CPU torch.Generator keeps only a seed's low
+    32 bits, and no run reaches epoch 2**20."""
+    return (seed * 1_000_003 + epoch + rank * 2**20) % 2**63
+
+
+def contiguous_share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of rank's part of range(n) as torch.tensor_split cuts it into world_size contiguous
+    parts, the first n % world_size of them one longer: together they hold every index once."""
+    size, longer = divmod(n, world_size)
+    start = rank * size + min(rank, longer)
+    return start, start + size + (rank < longer)
+
+
+def check_train_size(n: int, batch_size: int, world_size: int) -> None:
+    """ConfigError unless the training set fills at least one global batch (batch_size on each rank)."""
+    if n >= batch_size * world_size:
+        return
+    if world_size == 1:
+        raise ConfigError(f"The training set has {n} images, fewer than trainer.batch_size={batch_size}, so an "
+                          "epoch would have no full batch: lower trainer.batch_size or raise dataset.train_subset.")
+    raise ConfigError(f"The training set has {n} images, fewer than trainer.batch_size={batch_size} (per rank) x "
+                      f"{world_size} ranks = {batch_size * world_size}, so an epoch would have no full batch: "
+                      "lower trainer.batch_size or the number of ranks (--nproc_per_node), or raise "
+                      "dataset.train_subset.")
+
+
+def check_start_batch(start_batch: int, batches: int) -> None:
+    if not 0 <= start_batch <= batches:
+        raise ValueError(f"start_batch={start_batch}: an epoch of this loader has {batches} batches")
 
 
 def usable_cores() -> int:
@@ -117,40 +154,60 @@ class TensorLoader:
     image from the seed alone and mirrors all images on odd epochs, so each image alternates orientation
     -- more diverse than random flips; "none" never mirrors. train=False: in order, every image, no
     augmentation.
+
+    Of world_size ranks, each draws the same permutation and augmentation; step i's global batch is
+    positions [i G, (i + 1) G) of the epoch's order (G = batch_size * world_size, drop_last on it) and
+    rank r takes its r-th slice of batch_size. The test set is cut into world_size contiguous shares
+    (`contiguous_share`), each served in order.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, normalize: Normalize,
                  *, train: bool, augment: bool = False, seed: int = 0, crop_padding: int = 4,
-                 padding_mode: str = "zeros", flip: str = "random"):
+                 padding_mode: str = "zeros", flip: str = "random", rank: int = 0, world_size: int = 1):
         check_augmentation(crop_padding, padding_mode, flip, min(images.shape[-2:]))
         self.images, self.labels, self.batch_size, self.normalize = images, labels, batch_size, normalize
         self.train, self.augment, self.seed = train, augment and train, seed
         self.crop_padding, self.padding_mode, self.flip = crop_padding, padding_mode, flip
-        self.epoch = 0
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Serve epoch `epoch` from its batch `start_batch` (0-based) on: the batches an uninterrupted pass
+        yields from there, computed without the ones before. len() stays the whole epoch's."""
+        check_start_batch(start_batch, len(self))
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
+        if self.train:
+            return len(self.labels) // (self.batch_size * self.world_size)
+        start, stop = contiguous_share(len(self.labels), self.rank, self.world_size)
+        return math.ceil((stop - start) / self.batch_size)
 
     def __iter__(self):
+        return self.train_batches() if self.train else self.test_batches()
+
+    def train_batches(self):
         n, bs, dev = len(self.labels), self.batch_size, self.images.device
-        if self.train:
-            g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            order = torch.randperm(n, generator=g)
-            if self.augment:
-                dy, dx = torch.randint(0, 2 * self.crop_padding + 1, (2, n), generator=g).to(dev)
-                flip = self.draw_flips(order, g).to(dev)
-            order = order.to(dev)
-        for i in range(len(self)):
-            at = slice(i * bs, (i + 1) * bs)
-            idx = order[at] if self.train else at
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(n, generator=g)
+        if self.augment:
+            dy, dx = torch.randint(0, 2 * self.crop_padding + 1, (2, n), generator=g).to(dev)
+            flip = self.draw_flips(order, g).to(dev)
+        order = order.to(dev)
+        global_batch, offset = bs * self.world_size, bs * self.rank
+        for i in range(self.start_batch, len(self)):
+            at = slice(i * global_batch + offset, i * global_batch + offset + bs)
+            idx = order[at]
             x, y = self.images[idx], self.labels[idx]
             if self.augment:
                 x = pad_crop_flip(x, self.crop_padding, dy[at], dx[at], flip[at], self.padding_mode)
             yield self.normalize(x), y
+
+    def test_batches(self):
+        start, stop = contiguous_share(len(self.labels), self.rank, self.world_size)
+        for i in range(self.start_batch, len(self)):
+            at = slice(start + i * self.batch_size, min(start + (i + 1) * self.batch_size, stop))
+            yield self.normalize(self.images[at]), self.labels[at]
 
     def first_images(self, n: int) -> torch.Tensor:
         """The first n images in dataset order, normalised, not augmented: what a model's data-dependent
@@ -170,23 +227,33 @@ class TensorLoader:
 
 class DeviceLoader:
     """A torch DataLoader of uint8 batches, moved to `device` and normalised there (a quarter of the
-    float32 transfer). Its generator, which drives both the shuffle and the workers' augmentation
-    seeds, is reset from (seed, epoch) at each pass."""
+    float32 transfer). Its generator, which drives the workers' augmentation seeds (and the shuffle of a
+    single process), is reset from (seed, epoch, rank) at each pass: ranks crop differently, and
+    reproducibly. A DistributedSampler (a data-parallel rank's shard) gets the epoch too.
+
+    A mid-epoch start (set_epoch's start_batch) reads and drops the batches before it, without moving
+    them to the device: each worker's random stream runs through every batch it serves, so starting
+    the sampler later would hand later batches other augmentation draws than the uninterrupted epoch's.
+    """
 
     def __init__(self, loader: torch.utils.data.DataLoader, normalize: Normalize, device: torch.device,
-                 seed: int):
-        self.loader, self.normalize, self.device, self.seed = loader, normalize, device, seed
-        self.epoch = 0
+                 seed: int, *, rank: int = 0):
+        self.loader, self.normalize, self.device, self.seed, self.rank = loader, normalize, device, seed, rank
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Serve epoch `epoch` from its batch `start_batch` (0-based) on. len() stays the whole epoch's."""
+        check_start_batch(start_batch, len(self))
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        self.loader.generator.manual_seed(epoch_seed(self.seed, self.epoch))
-        for x, y in self.loader:
+        self.loader.generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
+        if isinstance(self.loader.sampler, DistributedSampler):
+            self.loader.sampler.set_epoch(self.epoch)
+        for x, y in itertools.islice(self.loader, self.start_batch, None):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             yield self.normalize(x), y
 
@@ -196,27 +263,29 @@ Loader = TensorLoader | DeviceLoader
 
 @dataclass
 class DataBundle:
-    train: Loader  # augmented, shuffled from (seed, epoch), drop_last; len() = steps per epoch
-    test: Loader  # in order, every image; len() = batches
+    train: Loader  # this rank's shard: augmented, shuffled from (seed, epoch), drop_last; len() = steps per epoch
+    test: Loader  # this rank's contiguous share, in order; the ranks' shares hold every image once
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W) of the batches
-    train_size: int
+    train_size: int  # the whole dataset's, over all ranks
     test_size: int
+    rank: int = 0
+    world_size: int = 1
 
 
 def tensor_bundle(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], *,
                   num_classes: int, mean, std, augment: bool, batch_size: int, device: torch.device,
-                  seed: int, crop_padding: int = 4, padding_mode: str = "zeros", flip: str = "random") -> DataBundle:
-    """A DataBundle of two TensorLoaders over uint8 (images, labels) pairs, moved to `device` once; the
-    augmentation options (see TensorLoader) apply to the training loader."""
+                  seed: int, crop_padding: int = 4, padding_mode: str = "zeros", flip: str = "random",
+                  rank: int = 0, world_size: int = 1) -> DataBundle:
+    """A DataBundle of two TensorLoaders over uint8 (images, labels) pairs, moved to `device` once (every
+    rank holds the whole set); the augmentation options (see TensorLoader) apply to the training loader."""
     (xtr, ytr), (xte, yte) = ((x.to(device), y.to(device)) for x, y in (train, test))
-    if len(ytr) < batch_size:
-        raise ConfigError(f"The training set has {len(ytr)} images, fewer than trainer.batch_size={batch_size}, "
-                          "so an epoch would have no full batch: lower trainer.batch_size or raise "
-                          "dataset.train_subset.")
+    check_train_size(len(ytr), batch_size, world_size)
     norm = Normalize(mean, std, device)
+    ranks = {"rank": rank, "world_size": world_size}
     return DataBundle(
         train=TensorLoader(xtr, ytr, batch_size, norm, train=True, augment=augment, seed=seed,
-                           crop_padding=crop_padding, padding_mode=padding_mode, flip=flip),
-        test=TensorLoader(xte, yte, batch_size, norm, train=False),
-        num_classes=num_classes, image_shape=tuple(xtr.shape[1:]), train_size=len(ytr), test_size=len(yte))
+                           crop_padding=crop_padding, padding_mode=padding_mode, flip=flip, **ranks),
+        test=TensorLoader(xte, yte, batch_size, norm, train=False, **ranks),
+        num_classes=num_classes, image_shape=tuple(xtr.shape[1:]), train_size=len(ytr), test_size=len(yte),
+        **ranks)

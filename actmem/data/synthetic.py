@@ -26,7 +26,8 @@ class SyntheticConfig:
 
 
 @DATASETS.register("synthetic", schema=SyntheticConfig)
-def build_synthetic(cfg, *, batch_size: int, device: torch.device, seed: int) -> DataBundle:
+def build_synthetic(cfg, *, batch_size: int, device: torch.device, seed: int, rank: int = 0,
+                    world_size: int = 1) -> DataBundle:
     for key in ("num_classes", "image_size", "channels", "train_size", "test_size"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"dataset.{key}={getattr(cfg, key)}: it must be a positive integer.")
@@ -40,4 +41,4 @@ def build_synthetic(cfg, *, batch_size: int, device: torch.device, seed: int) ->
     return tensor_bundle(train, test, num_classes=cfg.num_classes, mean=(0.5,) * cfg.channels,
                          std=(12**-0.5,) * cfg.channels, augment=cfg.augment, batch_size=batch_size,
                          device=device, seed=seed, crop_padding=cfg.crop_padding, padding_mode=cfg.padding_mode,
-                         flip=cfg.flip)
+                         flip=cfg.flip, rank=rank, world_size=world_size)

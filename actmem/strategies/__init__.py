@@ -2,8 +2,8 @@
 
 Every module of this package is imported here, so a new strategy registers itself by existing."""
 from actmem.registry import discover
-from actmem.strategies.base import STRATEGIES, apply, resolve
+from actmem.strategies.base import STRATEGIES, apply, codec_states, load_codec_states, resolve
 
 discover(__name__, __path__)
 
-__all__ = ["STRATEGIES", "apply", "resolve"]
+__all__ = ["STRATEGIES", "apply", "codec_states", "load_codec_states", "resolve"]

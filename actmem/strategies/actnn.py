@@ -140,6 +140,16 @@ class _AdaptiveCodec(Codec):
         bits = greedy_bits(r2, torch.ones(n, dtype=torch.int64, device=x.device), int(budget * n))
         return compress.quantize(x, bits, alloc.group_size)
 
+    def state_dict(self) -> dict:
+        """The statistics the next allocation reads (on the CPU: a checkpoint, or a gather across ranks)."""
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        return {"budget": self.budget, "cost": cpu(self.cost), "grad_sq": cpu(self.grad_sq), "dim": self.dim,
+                "borrowed": self.borrowed, "stale": self.allocator.stale}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.budget, self.cost, self.grad_sq = state["budget"], state["cost"], state["grad_sq"]
+        self.dim, self.borrowed, self.allocator.stale = state["dim"], state["borrowed"], state["stale"]
+
     def observe(self, grad_output: torch.Tensor) -> None:
         if self.locations is not None:
             grad = grad_output.detach().reshape(grad_output.shape[0], -1)

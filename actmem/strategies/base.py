@@ -60,6 +60,21 @@ def apply(model: nn.Module, name_or_cfg, **overrides) -> nn.Module:
     return model
 
 
+def codec_states(model: nn.Module) -> list[dict]:
+    """Every swapped layer's codec state, in module order: what a checkpoint keeps besides the
+    state_dict so that a resumed run compresses as an uninterrupted one would (ActNN L3's statistics)."""
+    return [m.codec.state_dict() for m in model.modules() if getattr(m, "codec", None) is not None]
+
+
+def load_codec_states(model: nn.Module, states: list[dict]) -> None:
+    codecs = [m.codec for m in model.modules() if getattr(m, "codec", None) is not None]
+    if len(codecs) != len(states):
+        raise StrategyError(f"the checkpoint holds {len(states)} codec states for {len(codecs)} compressed layers: "
+                            "it was written for another strategy or model.")
+    for codec, state in zip(codecs, states):
+        codec.load_state_dict(state)
+
+
 class Claimed:
     """Mixin for every module a strategy puts in place. Later strategies (combo's later parts) leave a
     claimed module, and everything inside it, alone."""

@@ -59,6 +59,13 @@ class Codec:
     def observe(self, grad_output: torch.Tensor) -> None:
         """Called in backward with the layer's output gradient; stateless codecs ignore it."""
 
+    def state_dict(self) -> dict:
+        """What a codec learned in training (ActNN L3's statistics), for checkpoints; stateless: {}."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 class _Swapped(Claimed):
     """Mixin for the swapped layers: `swap(module, codec=...)` builds one from an existing module."""

@@ -48,3 +48,25 @@ def test_build_errors_name_the_problem_and_the_fix():
         build({"name": "synthetic"}, batch_size=0, device="cpu", seed=0)
     with pytest.raises(ConfigError, match="fewer than trainer.batch_size=1024"):
         build({"name": "synthetic"}, batch_size=1024, device="cpu", seed=0)
+
+
+def test_build_gives_each_rank_its_slice_of_the_global_batch():
+    cfg = {"name": "synthetic", "train_size": 100, "test_size": 30, "augment": True}
+    single = build(cfg, batch_size=16, device="cpu", seed=3)
+    ranks = [build(cfg, batch_size=8, device="cpu", seed=3, rank=r, world_size=2) for r in range(2)]
+    assert [(b.rank, b.world_size, b.train_size, b.test_size) for b in ranks] == [(0, 2, 100, 30), (1, 2, 100, 30)]
+    for b in (single, *ranks):
+        b.train.set_epoch(1)
+    assert len(single.train) == len(ranks[0].train) == len(ranks[1].train) == 6
+    for (x, y), (x0, y0), (x1, y1) in zip(single.train, ranks[0].train, ranks[1].train):
+        assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+    test = [torch.cat([x for x, _ in b.test]) for b in (single, *ranks)]
+    assert torch.equal(torch.cat(test[1:]), test[0]) and len(test[1]) == 15
+
+
+def test_build_refuses_a_global_batch_beyond_the_training_set():
+    with pytest.raises(ConfigError, match=r"trainer.batch_size=300 \(per rank\) x 2 ranks = 600.*number of ranks"):
+        build({"name": "synthetic"}, batch_size=300, device="cpu", seed=0, rank=1, world_size=2)
+    assert len(build({"name": "synthetic"}, batch_size=256, device="cpu", seed=0, world_size=2).train) == 1
+    with pytest.raises(ValueError, match="rank=2 of world_size=2"):
+        build({"name": "synthetic"}, batch_size=8, device="cpu", seed=0, rank=2, world_size=2)

@@ -71,6 +71,14 @@ def test_torchvision_binary_format(tmp_path, name):
     assert 0 <= y.min() and y.max() < k
 
 
+def test_ranks_reach_the_loaders(tmp_path):
+    _, (_, yte) = write_binary(tmp_path, "cifar10", 200, 120)
+    b = build({"name": "cifar10", "root": str(tmp_path)}, batch_size=32, device=CPU, seed=0, rank=1, world_size=2)
+    assert (b.rank, b.world_size, b.train_size, b.test_size) == (1, 2, 200, 120)
+    assert (len(b.train), len(b.test)) == (3, 2)  # global batches of 64; the second 60 test images
+    assert torch.equal(collect(b.test)[1], yte[60:])
+
+
 def test_cifar100_image_folder_labels_and_cache(tmp_path):
     classes = [f"class{i:03d}" for i in range(100)][::-1]  # sorted by name -> label index
     write_folder(tmp_path, classes, 2, "train")

@@ -21,9 +21,9 @@ def write_tree(root, wnids=("n01", "n02", "n03"), per_class=4):
                 img.save(root / split / c / f"{i}.JPEG")
 
 
-def imagenet(root, bs=4, seed=0, **kw):
+def imagenet(root, bs=4, seed=0, rank=0, world_size=1, **kw):
     cfg = {"name": "imagenet", "root": str(root), "image_size": 24, "workers": 2, **kw}
-    return build(cfg, batch_size=bs, device=CPU, seed=seed)
+    return build(cfg, batch_size=bs, device=CPU, seed=seed, rank=rank, world_size=world_size)
 
 
 def epoch(loader, e):
@@ -97,3 +97,73 @@ def test_real_imagenette_loads_and_subsets(imagenette_root):
     assert (s.train_size, s.test_size, len(s.train)) == (50, 20, 5)
     targets = torch.tensor(s.train.loader.dataset.dataset.targets)[s.train.loader.dataset.indices]
     assert torch.bincount(targets).tolist() == [5] * 10
+
+
+def write_solid_tree(root, classes=3, per_class=6):
+    """Train and val trees of one-colour PNGs, 12 grey levels apart: a crop or flip keeps the colour, so
+    a batch's colours name its images. Returns each split's colours in ImageFolder's order."""
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"n{c}").mkdir(parents=True)
+            for i in range(per_class):
+                level = 12 * (c * per_class + i)
+                Image.new("RGB", (30 + i, 40), (level,) * 3).save(root / split / f"n{c}" / f"{i}.png")
+    return torch.arange(classes * per_class) * 12
+
+
+def colours(x):
+    """The grey level of each image of a normalised batch."""
+    return (x[:, 0] * 0.229 * 255 + 0.485 * 255).mean((1, 2)).round().long()
+
+
+def shards(root, e, world_size=2, split="train", **kw):
+    """Each rank's images of epoch e, as colours."""
+    ranks = [imagenet(root, bs=2, rank=r, world_size=world_size, **kw) for r in range(world_size)]
+    return [colours(epoch(getattr(b, split), e)[0]) for b in ranks]
+
+
+def test_ranks_read_disjoint_shards_reshuffled_per_epoch(tmp_path):
+    every = write_solid_tree(tmp_path)
+    b = imagenet(tmp_path, bs=2, rank=1, world_size=2)
+    assert (b.train_size, b.test_size, len(b.train), len(b.test)) == (18, 18, 4, 5)  # 9 each: 4 batches of 2
+    first = shards(tmp_path, 0)
+    for shard in first:
+        assert len(shard) == 8 and len(shard.unique()) == 8 and torch.isin(shard, every).all()
+    assert not torch.isin(first[0], first[1]).any()
+    assert all(torch.equal(a, b) for a, b in zip(first, shards(tmp_path, 0)))  # a resumed run reads the same
+    assert not torch.equal(torch.cat(first), torch.cat(shards(tmp_path, 1)))
+    assert not torch.equal(torch.cat(first), torch.cat(shards(tmp_path, 0, seed=1)))
+
+
+def test_ranks_test_shares_cover_the_test_set_once_in_order(tmp_path):
+    every = write_solid_tree(tmp_path)
+    parts = shards(tmp_path, 0, world_size=4, split="test")
+    assert [len(p) for p in parts] == [5, 5, 4, 4]
+    assert torch.equal(torch.cat(parts), every)
+
+
+def test_ranks_augment_differently_and_reproducibly(tmp_path):
+    """Every file the same image: two ranks' batches differ only by their workers' random crops."""
+    write_tree(tmp_path, per_class=1)
+    image = tmp_path / "train" / "n01" / "0.JPEG"
+    for c in ("n01", "n02", "n03"):
+        for i in range(4):
+            (tmp_path / "train" / c / f"{i}.JPEG").write_bytes(image.read_bytes())
+    x0, x1 = (epoch(imagenet(tmp_path, rank=r, world_size=2).train, 0)[0] for r in range(2))
+    assert x0.shape == (4, 3, 24, 24) and not torch.isclose(x0, x1).flatten(1).all(1).any()
+    assert torch.equal(x1, epoch(imagenet(tmp_path, rank=1, world_size=2).train, 0)[0])
+    assert not torch.equal(x1, epoch(imagenet(tmp_path, rank=1, world_size=2).train, 1)[0])
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_start_batch_yields_the_rest_of_the_uninterrupted_epoch(tmp_path, world_size):
+    write_tree(tmp_path, per_class=6)
+    b = imagenet(tmp_path, bs=2, rank=world_size - 1, world_size=world_size)
+    for loader, k in ((b.train, 2), (b.test, 3)):
+        steps = len(loader)
+        loader.set_epoch(1)
+        full = list(loader)
+        loader.set_epoch(1, start_batch=k)
+        rest = list(loader)
+        assert len(loader) == steps and len(rest) == steps - k > 0
+        assert all(torch.equal(x, xf) and torch.equal(y, yf) for (x, y), (xf, yf) in zip(rest, full[k:]))

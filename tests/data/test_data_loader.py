@@ -4,7 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actmem.data.loader import Normalize, TensorLoader, balanced_subset, epoch_seed, pad_crop_flip
+from actmem.data.loader import (
+    Normalize,
+    TensorLoader,
+    balanced_subset,
+    contiguous_share,
+    epoch_seed,
+    pad_crop_flip,
+)
 from actmem.errors import ConfigError
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -186,3 +193,75 @@ def test_bad_augmentation_options_name_the_key(options, message):
 def test_zero_padding_may_exceed_the_image_side():
     x, _ = epoch(loader(augment=True, crop_padding=8, flip="none"), 0)  # zeros mode has no such bound
     assert x.shape == (48, 3, 8, 8)
+
+
+@pytest.mark.parametrize("n, world_size", [(50, 3), (48, 4), (5, 2), (2, 3)])
+def test_contiguous_share_is_tensor_splits_cut(n, world_size):
+    for r, part in enumerate(torch.tensor_split(torch.arange(n), world_size)):
+        start, stop = contiguous_share(n, r, world_size)
+        assert torch.equal(torch.arange(start, stop), part)
+
+
+def rank_batches(world_size, global_batch, e, **options):
+    """Epoch e of each rank's training loader: a list per rank of its (images, labels) batches."""
+    loaders = [loader(bs=global_batch // world_size, rank=r, world_size=world_size, **options)
+               for r in range(world_size)]
+    for ld in loaders:
+        ld.set_epoch(e)
+    return [list(ld) for ld in loaders]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("options", [
+    {},
+    {"augment": True},
+    {"augment": True, "crop_padding": 2, "padding_mode": "reflect", "flip": "alternating"},
+])
+def test_ranks_cut_the_global_batch_of_one_process_into_slices(world_size, options):
+    for e in (0, 3):
+        (single,) = rank_batches(1, 8, e, **options)
+        ranks = rank_batches(world_size, 8, e, **options)
+        assert len(single) == 6 and all(len(batches) == 6 for batches in ranks)  # 48 of 50 in global batches of 8
+        for i, (x, y) in enumerate(single):  # same images, same crops, same flips
+            assert torch.equal(torch.cat([batches[i][1] for batches in ranks]), y)
+            assert torch.equal(torch.cat([batches[i][0] for batches in ranks]), x)
+
+
+def test_global_batch_drops_the_last_partial_one():
+    ranks = rank_batches(2, 16, 0)  # 50 images: three global batches of 16, the last 2 images dropped
+    assert [len(batches) for batches in ranks] == [3, 3] and all(len(y) == 8 for b in ranks for _, y in b)
+    assert len(torch.cat([y for b in ranks for _, y in b]).unique()) == 48
+
+
+def test_test_set_shares_are_contiguous_disjoint_and_cover_it():
+    shares = [loader(n=50, bs=8, train=False, rank=r, world_size=3) for r in range(3)]
+    assert [len(ld) for ld in shares] == [3, 3, 2]  # 17, 17 and 16 images
+    ys = [epoch(ld, 0)[1] for ld in shares]
+    assert [len(y) for y in ys] == [17, 17, 16]
+    assert torch.equal(torch.cat(ys), torch.arange(50))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_start_batch_yields_the_rest_of_the_uninterrupted_epoch(train):
+    ld = loader(n=50, bs=4, train=train, augment=True, rank=1, world_size=2)
+    steps = len(ld)
+    ld.set_epoch(3)
+    full = list(ld)
+    for k in (1, 4, steps):
+        ld.set_epoch(3, start_batch=k)
+        assert len(ld) == steps  # the whole epoch's: the trainer counts steps itself
+        rest = list(ld)
+        assert len(rest) == steps - k
+        assert all(torch.equal(x, xf) and torch.equal(y, yf) for (x, y), (xf, yf) in zip(rest, full[k:]))
+    ld.set_epoch(4)  # the next epoch starts at its beginning
+    assert len(list(ld)) == steps
+    with pytest.raises(ValueError, match=f"start_batch={steps + 1}"):
+        ld.set_epoch(3, start_batch=steps + 1)
+
+
+def test_epoch_seeds_of_ranks_and_epochs_give_distinct_streams():
+    """A CPU generator keeps a seed's low 32 bits: ranks must differ there, not only above them."""
+    draws = {torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(epoch_seed(7, e, r))).item()
+             for e in range(-1, 50) for r in range(8)}
+    assert len(draws) == 51 * 8
+    assert epoch_seed(7, 3, rank=0) == epoch_seed(7, 3)  # rank 0: the single-process seed

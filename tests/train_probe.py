@@ -1,0 +1,41 @@
+"""`python -m actmem.train` with a probe on every optimizer step, for tests that run it under torchrun:
+each rank appends "step sha256-of-its-parameters" to $PROBE_TRACE.<rank>, and the rank $PROBE_DIE_RANK
+(default 0) SIGKILLs itself after step $PROBE_DIE_AT_STEP -- a rank dying mid-epoch, at a known step.
+
+    torchrun --standalone --nproc_per_node=2 tests/train_probe.py [hydra overrides]
+"""
+import hashlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's actmem, run as a script
+
+import actmem.train as train  # noqa: E402
+
+RANK = os.environ.get("RANK", "0")
+plain_train_epoch = train.train_epoch
+
+
+def digest(model) -> str:
+    return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
+
+
+def probed_train_epoch(model, *args, on_step=None, **kwargs):
+    def probe(step, sums):
+        if on_step is not None:
+            on_step(step, sums)
+        if "PROBE_TRACE" in os.environ:
+            with open(f"{os.environ['PROBE_TRACE']}.{RANK}", "a") as f:
+                f.write(f"{step} {digest(model)}\n")
+        if str(step) == os.environ.get("PROBE_DIE_AT_STEP") and RANK == os.environ.get("PROBE_DIE_RANK", "0"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return plain_train_epoch(model, *args, on_step=probe, **kwargs)
+
+
+train.train_epoch = probed_train_epoch
+
+if __name__ == "__main__":
+    train.main()
