@@ -23,8 +23,8 @@ from functools import cache
 import torch
 import torch.distributed as dist
 
-STATUS_KEY = "actmem/stopped/{rank}"
-START_KEY = "actmem/start_time"
+STATUS_KEY = "actmem:stopped:{rank}"
+START_KEY = "actmem:start_time"
 
 
 @cache
