@@ -318,10 +318,10 @@ def main(cfg: DictConfig) -> None:
             sys.exit(128 + e.signum)
         directory.finish("failed" if lost else "interrupted", error=f"{lost}; this rank stopped by {e}" if lost
                          else f"stopped by {e}")
-        done = directory.summary["epochs"]
+        done = f"{directory.summary['epochs']} epoch(s), {directory.summary['steps']} step(s) done"
         kept = directory.has_checkpoint
         print(paragraph(f"{'Failed: ' + lost if lost else 'Interrupted by ' + str(e)}. "
-                        + (f"{run_dir} keeps its last checkpoint ({done} epoch(s) done); run the same command with "
+                        + (f"{run_dir} keeps its last checkpoint ({done}); run the same command with "
                            f"hydra.run.dir={run_dir} to resume from it." if kept else
                            "There is no checkpoint to resume from yet; run the command again to start over.")),
               file=sys.stderr)

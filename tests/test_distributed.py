@@ -92,6 +92,22 @@ def test_a_killed_rank_fails_the_job_and_the_same_command_resumes_mid_epoch(tmp_
     assert steps == list(range(1, 13))
 
 
+def test_a_job_stopped_by_sigterm_is_interrupted_and_resumes(tmp_path):
+    """SIGTERM to torchrun (a scheduler's time limit) reaches every rank: each says it was stopped, so
+    rank 0 records "interrupted", not "failed"; the same command resumes from the last checkpoint."""
+    run_dir = tmp_path / "run"
+    overrides = ["strategy=exact", "trainer.batch_size=16", "trainer.epochs=2", "trainer.checkpoint_every=2",
+                 "trainer.measure_activations=false"]
+    res = launch(run_dir, *overrides, env={"PROBE_STOP_JOB_AT_STEP": "3"})
+    assert res.returncode != 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["error"] == "stopped by SIGTERM", summary.get("error")
+    assert f"hydra.run.dir={run_dir}" in " ".join(res.stderr.split())
+    res = launch(run_dir, *overrides)
+    assert res.returncode == 0 and "Resuming from" in res.stdout, res.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
 def test_a_mid_epoch_resume_trains_what_an_uninterrupted_run_trains(tmp_path):
     """One process (8 steps an epoch), killed at step 11 with checkpoints every 3 steps: resumed from step
     9, inside epoch 1, its weights and records are those of a run never stopped, bit for bit (same
