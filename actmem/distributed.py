@@ -77,6 +77,14 @@ class World:
             dist.all_reduce(t, dist.ReduceOp.SUM)
         return t
 
+    def total(self, value: float) -> float:
+        """The sum of the ranks' values (a global img/s from each rank's)."""
+        if not self.distributed:
+            return value
+        t = torch.tensor(float(value), dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t, dist.ReduceOp.SUM)
+        return t.item()
+
     def max(self, value: float | None) -> float | None:
         """The largest of the ranks' values (None where every rank has None)."""
         if not self.distributed:

@@ -130,11 +130,15 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
         if on_step is not None:
             on_step(step, sums)
     bar.close()
-    total = world.sum(torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device)]))
-    loss_all, correct_all, seen_all = total.tolist()
-    img_per_s = world.sum(torch.tensor(seen / max(t_timed, 1e-9), device=device)).item()
-    return EpochResult(step, loss_all / max(seen_all, 1), 100.0 * correct_all / max(seen_all, 1), img_per_s,
-                       time.perf_counter() - t_epoch)
+    loss_mean, acc = _global_mean(world, loss_sum, correct, seen)
+    return EpochResult(step, loss_mean, acc, world.total(seen / max(t_timed, 1e-9)), time.perf_counter() - t_epoch)
+
+
+def _global_mean(world: World, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float]:
+    """(mean loss, top-1 %) over every rank's samples, from this rank's sums: one reduction, one sync."""
+    loss_all, correct_all, seen_all = world.sum(torch.stack(
+        [loss_sum.double(), correct.double(), torch.tensor(float(seen), device=loss_sum.device)])).tolist()
+    return loss_all / max(seen_all, 1), 100.0 * correct_all / max(seen_all, 1)
 
 
 def _check_finite(values: torch.Tensor, what: str, step: int, epoch: int, world: World) -> None:
@@ -178,6 +182,4 @@ def evaluate(model: nn.Module, loader, loss_fn, precision: Precision, progress: 
         loss_sum += loss_fn(out.float(), y) * len(x)
         correct += (out.argmax(1) == y).sum()
         seen += len(x)
-    loss_all, correct_all, seen_all = world.sum(torch.stack(
-        [loss_sum.double(), correct.double(), torch.tensor(float(seen), device=device)])).tolist()
-    return loss_all / max(seen_all, 1), 100.0 * correct_all / max(seen_all, 1)
+    return _global_mean(world, loss_sum, correct, seen)

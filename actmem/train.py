@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from actmem import data, models, strategies
 from actmem.config import register_configs, validate
-from actmem.data.loader import TensorLoader, epoch_seed
+from actmem.data.loader import epoch_seed
 from actmem.distributed import SINGLE, World, start_time
 from actmem.engine import EpochSums, Precision, evaluate, train_epoch
 from actmem.errors import ActmemError, ConfigError, DivergedError
@@ -64,15 +64,6 @@ def check_input(model_name: str, image_shape: tuple[int, int, int], dataset_name
         raise ConfigError(f"model={model_name} is an ImageNet model and dataset={dataset_name} gives {h}x{w} "
                           "images; it needs at least 64x64 (224x224 as published). Use a larger "
                           "dataset.image_size, or a CIFAR model (resnet20, resnet18, ...) for 32x32.")
-
-
-def first_train_images(bundle: data.DataBundle, model_name: str, dataset_name: str):
-    """The training loader's `first_images(n)`, for a model's data-dependent init; only loaders that hold
-    the dataset in memory have one."""
-    if not isinstance(bundle.train, TensorLoader):
-        raise ConfigError(f"model={model_name} initialises a layer from training images, which dataset="
-                          f"{dataset_name}'s loader does not hold in memory; use a CIFAR-type dataset with it.")
-    return bundle.train.first_images
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -124,8 +115,7 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
     precision = Precision.build(trainer.amp, device, trainer.channels_last)
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    models.init_from_data(cfg.model.name, model, lambda: first_train_images(bundle, cfg.model.name,
-                                                                           cfg.dataset.name))
+    models.init_from_data(cfg.model.name, model, getattr(bundle.train, "first_images", None), cfg.dataset.name)
     directory.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                      world_size=world.size, global_batch_size=trainer.batch_size * world.size)
 
@@ -151,8 +141,10 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
         peak = measure_step_peak(model, optimizer, probe, precision)
         directory.update(peak_tensor_bytes=peak.bytes, peak_breakdown={**peak.breakdown, "phase": peak.phase})
     del probe
-    if world.rank > 0:  # rank 0 draws what a single process would; the others draw streams of their own
-        torch.manual_seed(epoch_seed(cfg.seed, 1_000_003 * world.rank))
+    # Rank 0 draws what a single process would; each other rank its own stream (epoch_seed at "epoch -1"
+    # with its rank: no loader of that rank draws from it).
+    if world.rank > 0:
+        torch.manual_seed(epoch_seed(cfg.seed, -1, world.rank))
     state = directory.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
                              device=device, lookahead=lookahead, rank=world.rank, world_size=world.size)
     start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
@@ -208,8 +200,8 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
     if trainer.tta:
         final_tta(model, bundle.test, test_loss_fn, precision, directory, trainer, step, world)
     directory.finish("completed", peak_memory_bytes=world.max(peak_gpu_bytes(device)),
-                     peak_rss_bytes=world.max(peak_rss_bytes()), throughput_img_s=world.sum(
-                         torch.tensor(meter.img_per_s or 0.0, dtype=torch.float64, device=device)).item() or None,
+                     peak_rss_bytes=world.max(peak_rss_bytes()),
+                     throughput_img_s=world.total(meter.img_per_s) if meter.img_per_s else None,
                      wall_time_s=time.perf_counter() - t_start)
 
 
@@ -264,14 +256,15 @@ def _fail(status: int, message: str) -> NoReturn:
     sys.exit(status)
 
 
-def _hold_signals() -> None:
-    """While a stopped run records why: a second SIGTERM (torchrun's, after the peer's death it is
-    reporting) must not cut that short."""
+def _stopping(world: World, why: str) -> None:
+    """A run that stops: further SIGINT/SIGTERM ignored (torchrun's, after the peer's death this rank is
+    reporting, must not cut the report short), and `why` left for rank 0 in torchrun's store."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(signum, signal.SIG_IGN)
         except ValueError:  # not the main thread
             pass
+    world.record_stop(why)
 
 
 def lost_ranks(world: World) -> str:
@@ -311,8 +304,7 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg, directory, world)
     except Interrupted as e:
-        _hold_signals()
-        world.record_stop("signal")
+        _stopping(world, "signal")
         lost = lost_ranks(world) if world.main and world.distributed else ""
         if not world.main:
             sys.exit(128 + e.signum)
@@ -327,25 +319,23 @@ def main(cfg: DictConfig) -> None:
               file=sys.stderr)
         sys.exit(1 if lost else 128 + e.signum)
     except ActmemError as e:
-        _hold_signals()
-        world.record_stop(f"{type(e).__name__}: {e}")
+        _stopping(world, f"{type(e).__name__}: {e}")
         failed_at = {"failed_step": e.step} if isinstance(e, DivergedError) else {}
         directory.finish("failed", error=str(e), **failed_at)
         if cfg.debug:
             raise
         _fail(2, paragraph(f"Error{'' if world.main else f' on rank {world.rank}'}: {e}"))
     except Exception as e:  # a failed run: record it, say what broke, keep the traceback behind debug=true
-        _hold_signals()
-        world.record_stop(f"{type(e).__name__}: {e}")
-        lost = lost_ranks(world) if world.main and world.distributed else ""
         error = f"{type(e).__name__}: {e}"
+        _stopping(world, error)
+        lost = lost_ranks(world) if world.main and world.distributed else ""
         directory.finish("failed", error=f"{lost}; here {error}" if lost else error)
         if cfg.debug:
             raise
         kept = (f"The run directory {run_dir} keeps its last checkpoint" if directory.has_checkpoint
                 else f"No checkpoint was written yet, so {run_dir} holds none")
         _fail(1, paragraph(f"Run failed{'' if world.main else f' on rank {world.rank}'}: "
-                           f"{lost + '; here ' if lost else ''}{type(e).__name__}: {e}. {kept}; run again with "
+                           f"{lost + '; here ' if lost else ''}{error}. {kept}; run again with "
                            "debug=true for the traceback."))
     world.close()
 

@@ -17,6 +17,7 @@ import actmem.train as train  # noqa: E402
 
 RANK = os.environ.get("RANK", "0")
 plain_train_epoch = train.train_epoch
+last_step = None  # the step the probe saw last in this process
 
 
 def digest(model) -> str:
@@ -25,6 +26,9 @@ def digest(model) -> str:
 
 def probed_train_epoch(model, *args, on_step=None, **kwargs):
     def probe(step, sums):
+        global last_step
+        assert last_step is None or step == last_step + 1, f"step {step} after step {last_step}"
+        last_step = step
         if on_step is not None:
             on_step(step, sums)
         if "PROBE_TRACE" in os.environ:

@@ -33,12 +33,17 @@ def build(name: str, num_classes: int, **kwargs) -> nn.Module:
     return entry.fn(num_classes, **kwargs)
 
 
-def init_from_data(name: str, model: nn.Module, first_images) -> None:
+def init_from_data(name: str, model: nn.Module, first_images, dataset: str) -> None:
     """Run the model's data-dependent init, if it registered one (`data_init=`), before any strategy is
-    applied; `first_images()` gives a function n -> the first n normalised training images."""
+    applied; `first_images(n)` gives the first n normalised training images (None: the dataset's loader
+    does not hold them in memory)."""
     init = MODELS.get(name).meta.get("data_init")
-    if init is not None:
-        init(model, first_images())
+    if init is None:
+        return
+    if first_images is None:
+        raise ConfigError(f"model={name} initialises a layer from training images, which dataset={dataset}'s "
+                          "loader does not hold in memory; use a CIFAR-type dataset with it.")
+    init(model, first_images)
 
 
 def names() -> list[str]:
