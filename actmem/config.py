@@ -1,37 +1,72 @@
 """Structured configs: each Hydra group option is typed by a dataclass, so a wrong key or type fails
-at composition with Hydra's own message. Registries supply the per-option schemas."""
+at composition with Hydra's own message. Registries supply the per-option schemas.
+
+A value's rule lives beside its default: `knob(default, rule, ok)` puts the rule in the field's metadata,
+and `validate` walks every group of the composed config against its schema, so every key of every group
+gets the same up-front check and the same message ("KEY=VALUE: RULE."). A NaN or infinite number is
+refused everywhere: no setting means anything with one, and JSON cannot record it."""
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from actmem.errors import ConfigError
-from actmem.loggers import LOGGERS
+from actmem.loggers import LOGGERS, WANDB_MODES
 from actmem.optim import OPTIMIZERS, SCHEDULES
 
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
 
 
+def knob(default: Any, rule: str, ok: Callable[[Any], bool], *, factory: Callable[[], Any] | None = None):
+    """A schema field whose values must satisfy `ok` (None, where the default is None, always does);
+    `rule` says in words what is allowed, for the error message."""
+    meta = {"rule": rule, "ok": ok}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def positive(v) -> bool:
+    return v > 0
+
+
+def non_negative(v) -> bool:
+    return v >= 0
+
+
+def one_of(*names: str) -> Callable[[Any], bool]:
+    return lambda v: v in names
+
+
+def in_unit_interval(v) -> bool:
+    return 0 <= v <= 1
+
+
 @dataclass
 class TrainerConfig:
-    epochs: float = 1  # a fraction ends the last epoch early: ceil(epochs * steps per epoch) steps in all
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    batch_size: int = 128
-    device: str = "auto"
-    amp: str = "none"
+    # a fraction ends the last epoch early: ceil(epochs * steps per epoch) steps in all
+    epochs: float = knob(1, "it must be a positive finite number (a fraction ends the last epoch early)", positive)
+    max_steps: int | None = knob(None, "use a positive number of steps, or null for no limit", positive)
+    batch_size: int = knob(128, "it must be a positive integer, e.g. 128", positive)
+    device: str = knob("auto", f"use one of {', '.join(DEVICES)}", one_of(*DEVICES))
+    amp: str = knob("none", f"use one of {', '.join(AMP_MODES)}", one_of(*AMP_MODES))
     channels_last: bool = False
     deterministic: bool = False
-    warmup_steps: int = 5  # steps left out of the throughput figure
+    warmup_steps: int = knob(5, "it must be >= 0 (steps left out of the throughput figure)", non_negative)
     measure_activations: bool = True
     progress: bool = True  # a bar per epoch, only when stderr is a terminal
-    threads: int | None = None  # torch CPU threads; default: torch's choice
-    tta: int = 0  # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px shifts
-    checkpoint_every: int | None = None  # also checkpoint every this many steps (besides each epoch's end)
+    threads: int | None = knob(None, "give a positive number of CPU threads, or null for torch's choice", positive)
+    # test-time augmentation of the final evaluation: 0 none, 1 mirror, 2 mirror + 1-px shifts
+    tta: int = knob(0, "use 0 (no test-time augmentation), 1 (mirror) or 2 (mirror and 1-pixel shifts)",
+                    lambda v: v in (0, 1, 2))
+    checkpoint_every: int | None = knob(None, "give a number of steps >= 1, or null for epoch ends only", positive)
     sync_bn: bool = False  # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm, CUDA)
 
 
@@ -41,41 +76,47 @@ class ParamGroupConfig:
     only for their first `train_epochs` epochs (actmem.optim.param_groups, set_trainable)."""
 
     params: list[str] = MISSING
-    lr_scale: float = 1.0
-    weight_decay_scale: float = 1.0
-    train_epochs: float | None = None
+    lr_scale: float = knob(1.0, "it must be > 0 (a multiplier of optim.lr)", positive)
+    weight_decay_scale: float = knob(1.0, "it must be >= 0 (a multiplier of optim.weight_decay)", non_negative)
+    train_epochs: float | None = knob(None, "give a number of epochs >= 0, or null", non_negative)
 
 
 @dataclass
 class LookaheadConfig:
     """airbench94's lookahead: an average of the weights that every `every_n_steps` steps from epoch
-    `start_epochs` on is moved towards them and copied back into the model (actmem.lookahead)."""
+    `start_epochs` on is moved towards them and copied back into the model (actmem.lookahead). Always
+    present, off unless `enabled`, so that each key can be set from the command line."""
 
-    start_epochs: float = 3
-    every_n_steps: int = 5
-    decay_base: float = 0.95
-    decay_pow: float = 3.0
+    enabled: bool = False
+    start_epochs: float = knob(3, "it must be >= 0", non_negative)
+    every_n_steps: int = knob(5, "it must be >= 1", positive)
+    decay_base: float = knob(0.95, "it must be in [0, 1]", in_unit_interval)
+    decay_pow: float = knob(3.0, "it must be >= 0", non_negative)
 
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
+    name: str = knob("sgd", f"use one of {', '.join(OPTIMIZERS.names())} (optim=NAME)",
+                     lambda v: v in OPTIMIZERS)
+    lr: float = knob(0.1, "the learning rate must be a positive finite number, e.g. 0.1", positive)
+    momentum: float = knob(0.9, "it must be in [0, 1) (SGD's default here is 0.9)", lambda v: 0 <= v < 1)
     nesterov: bool = False
-    weight_decay: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    warmup_start: float = 0.1  # lr factor at step 0 of the warm-up
-    milestones: list[float] = field(default_factory=list)  # epochs, for multistep
-    gamma: float = 0.1
-    cycle_start: float = 0.0  # onecycle: lr factor at step 0, ...
-    cycle_peak: float = 0.3  # ... fraction of the steps where it reaches 1, ...
-    cycle_end: float = 0.0  # ... and factor at the last step
-    label_smoothing: float = 0.0
+    weight_decay: float = knob(5e-4, "it must be >= 0", non_negative)
+    betas: list[float] = knob(None, "AdamW takes two values in [0, 1), e.g. optim.betas=[0.9,0.999]",
+                              lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), factory=lambda: [0.9, 0.999])
+    schedule: str = knob("cosine", f"use one of {', '.join(SCHEDULES.names())}", lambda v: v in SCHEDULES)
+    warmup_epochs: float = knob(0.0, "it must be >= 0", non_negative)
+    warmup_start: float = knob(0.1, "the lr factor at step 0 of the warm-up must be in [0, 1]", in_unit_interval)
+    milestones: list[float] = knob(None, "epochs >= 0 in increasing order, e.g. optim.milestones=[100,150]",
+                                   lambda v: all(0 <= a < b for a, b in zip([0, *v], v)) and all(m >= 0 for m in v),
+                                   factory=list)
+    gamma: float = knob(0.1, "the lr factor at each milestone must be > 0", positive)
+    cycle_start: float = knob(0.0, "onecycle's lr factor at step 0 must be >= 0", non_negative)
+    cycle_peak: float = knob(0.3, "the peak's place is a fraction of the steps, in [0, 1]", in_unit_interval)
+    cycle_end: float = knob(0.0, "onecycle's lr factor at the last step must be >= 0", non_negative)
+    label_smoothing: float = knob(0.0, "use a value in [0, 1)", lambda v: 0 <= v < 1)
     groups: list[ParamGroupConfig] = field(default_factory=list)
-    lookahead: LookaheadConfig | None = None
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
 
 
 @dataclass
@@ -86,15 +127,19 @@ class ModelConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "jsonl"
-    log_every: int = 50  # jsonl/wandb: a train record every this many steps, besides each epoch's
+    name: str = knob("jsonl", f"use one of {', '.join(LOGGERS.names())} (logger=NAME)",
+                     lambda v: v in LOGGERS)
+    # jsonl/wandb: a train record every this many steps, besides each epoch's
+    log_every: int = knob(50, "it must be >= 0 (0: epoch records only)", non_negative)
     project: str = "actmem"
-    mode: str = "offline"  # wandb mode; set "online" yourself if you want it synced
+    # wandb's mode; set "online" yourself if you want it synced
+    mode: str = knob("offline", f"wandb's mode is one of {', '.join(WANDB_MODES)}", one_of(*WANDB_MODES))
 
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = knob(0, "torch takes seeds from 0 to 2**64 - 1; use a non-negative seed",
+                     lambda v: 0 <= v < 2**64)
     debug: bool = False
     dataset: Any = MISSING
     model: ModelConfig = MISSING
@@ -120,49 +165,41 @@ def register_configs() -> None:
             cs.store(group=f"schema/{group}", name=entry.name, node=entry.schema)
 
 
+def check_settings(node, prefix: str = "") -> None:
+    """Every value under `node` against its schema's rules (`knob`), and no NaN or infinite number
+    anywhere; ConfigError naming the first key that breaks one."""
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    rules = {f.name: f.metadata for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    items = enumerate(node) if isinstance(node, ListConfig) else ((k, node[k]) for k in node)
+    for name, value in items:
+        key = f"{prefix}[{name}]" if isinstance(node, ListConfig) else f"{prefix}{'.' if prefix else ''}{name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            rule = rules.get(name, {}).get("rule", "give a finite number")
+            raise ConfigError(f"{key}={value}: {rule} (a NaN or infinite value means nothing here).")
+        rule = rules.get(name, {})
+        if isinstance(value, (DictConfig, ListConfig)):
+            check_settings(value, key)
+        if "ok" in rule and value is not None and not rule["ok"](value):
+            shown = list(value) if isinstance(value, ListConfig) else value
+            raise ConfigError(f"{key}={shown!r}: {rule['rule']}.")
+
+
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
 
 
 def validate(cfg) -> None:
-    """Impossible settings fail here, before any data is loaded or model built."""
-    t, o = cfg.trainer, cfg.optim
-    _check(t.batch_size > 0, f"trainer.batch_size={t.batch_size}: it must be a positive integer, e.g. 128.")
-    _check(t.epochs > 0, f"trainer.epochs={t.epochs}: it must be positive (a fraction ends the last epoch early).")
-    _check(t.checkpoint_every is None or t.checkpoint_every > 0,
-           f"trainer.checkpoint_every={t.checkpoint_every}: give a number of steps >= 1, or null for epoch ends only.")
-    _check(t.tta in (0, 1, 2), f"trainer.tta={t.tta}: use 0 (no test-time augmentation), 1 (mirror) or 2 (mirror "
-                               "and 1-pixel shifts).")
-    _check(t.max_steps is None or t.max_steps > 0,
-           f"trainer.max_steps={t.max_steps}: use a positive number of steps, or null for no limit.")
-    _check(t.warmup_steps >= 0, f"trainer.warmup_steps={t.warmup_steps}: it must be >= 0.")
-    _check(t.device in DEVICES, f"trainer.device={t.device!r}: use one of {', '.join(DEVICES)}.")
-    _check(t.amp in AMP_MODES, f"trainer.amp={t.amp!r}: use one of {', '.join(AMP_MODES)}.")
-    _check(o.name in OPTIMIZERS, f"optim.name={o.name!r}: use one of {', '.join(OPTIMIZERS.names())} "
-                                 "(optim=NAME).")
-    _check(o.schedule in SCHEDULES, f"optim.schedule={o.schedule!r}: use one of {', '.join(SCHEDULES.names())}.")
-    _check(0 < o.lr < math.inf, f"optim.lr={o.lr}: the learning rate must be a positive finite number, e.g. 0.1.")
-    _check(o.warmup_epochs >= 0, f"optim.warmup_epochs={o.warmup_epochs}: it must be >= 0.")
-    _check(o.momentum >= 0, f"optim.momentum={o.momentum}: it must be >= 0 (SGD's default here is 0.9).")
-    _check(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay}: it must be >= 0.")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-           f"optim.betas={list(o.betas)}: AdamW takes two values in [0, 1), e.g. optim.betas=[0.9,0.999].")
-    _check(cfg.seed >= 0, f"seed={cfg.seed}: torch takes seeds from 0 to 2**64 - 1; use a non-negative seed.")
-    _check(t.threads is None or t.threads > 0,
-           f"trainer.threads={t.threads}: give a positive number of CPU threads, or null for torch's choice.")
-    _check(0 <= o.label_smoothing < 1, f"optim.label_smoothing={o.label_smoothing}: use a value in [0, 1).")
+    """Impossible settings fail here, before any data is loaded or model built: every key by its rule,
+    the strategy's own check, then the rules that tie two keys together. (The dataset's keys that need the
+    data itself, such as a subset's size, are checked when it is read.)"""
+    from actmem.strategies import resolve
+
+    check_settings(cfg)
+    resolve(cfg.strategy)
+    o = cfg.optim
     _check(o.schedule != "multistep" or len(o.milestones) > 0,
            "optim.schedule=multistep needs optim.milestones, e.g. optim.milestones=[100,150].")
-    _check(0 <= o.cycle_peak <= 1, f"optim.cycle_peak={o.cycle_peak}: the peak's place is a fraction of the "
-                                    "steps, in [0, 1].")
     for i, g in enumerate(o.groups):
-        _check(g.lr_scale > 0 and g.weight_decay_scale >= 0, f"optim.groups[{i}]: lr_scale={g.lr_scale} must be "
-               f"> 0 and weight_decay_scale={g.weight_decay_scale} >= 0.")
-        _check(g.train_epochs is None or g.train_epochs >= 0,
-               f"optim.groups[{i}].train_epochs={g.train_epochs}: give a number of epochs >= 0, or null.")
-    la = o.lookahead
-    _check(la is None or (la.every_n_steps >= 1 and 0 <= la.decay_base <= 1 and la.start_epochs >= 0),
-           f"optim.lookahead={la}: every_n_steps must be >= 1, decay_base in [0, 1], start_epochs >= 0; or "
-           "optim.lookahead=null for none.")
-    _check(cfg.logger.name in LOGGERS, f"logger.name={cfg.logger.name!r}: use one of {', '.join(LOGGERS.names())}.")
+        _check(len(g.params) > 0, f"optim.groups[{i}].params is empty: give shell-style patterns of parameter "
+                                  "names, e.g. ['layers.*.bn*.bias'].")

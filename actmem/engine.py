@@ -37,15 +37,6 @@ class Precision:
 
 
 @dataclass
-class EpochResult:
-    step: int  # global optimizer step after the epoch
-    loss: float  # mean training loss, over every rank's samples
-    acc: float  # training top-1, percent, over every rank's samples
-    img_per_s: float  # over this epoch's timed steps, summed over the ranks
-    seconds: float
-
-
-@dataclass
 class EpochSums:
     """What an epoch has summed so far on this rank: a mid-epoch checkpoint keeps it, so that a resumed
     epoch reports over all its batches, each counted once."""
@@ -55,6 +46,16 @@ class EpochSums:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0  # time of the timed steps
+
+
+@dataclass
+class EpochResult:
+    step: int  # global optimizer step after the epoch
+    loss: float  # mean training loss, over every rank's samples
+    acc: float  # training top-1, percent, over every rank's samples
+    img_per_s: float  # over this epoch's timed steps, summed over the ranks
+    seconds: float
+    sums: EpochSums  # this rank's, for a checkpoint of an epoch that stopped before its end
 
 
 def _bar(loader, desc: str, enabled: bool):
@@ -131,7 +132,8 @@ def train_epoch(model: nn.Module, loader, optimizer, scheduler, loss_fn, precisi
             on_step(step, sums)
     bar.close()
     loss_mean, acc = _global_mean(world, loss_sum, correct, seen)
-    return EpochResult(step, loss_mean, acc, world.total(seen / max(t_timed, 1e-9)), time.perf_counter() - t_epoch)
+    return EpochResult(step, loss_mean, acc, world.total(seen / max(t_timed, 1e-9)), time.perf_counter() - t_epoch,
+                       sums())
 
 
 def _global_mean(world: World, loss_sum: torch.Tensor, correct: torch.Tensor, seen: int) -> tuple[float, float]:

@@ -7,9 +7,11 @@ import hashlib
 import os
 from pathlib import Path
 
+from actmem.errors import ConfigError
 from actmem.registry import Registry
 
 LOGGERS = Registry("logger")
+WANDB_MODES = ("offline", "online", "disabled")  # wandb.init's modes
 
 
 class Logger:
@@ -42,8 +44,13 @@ class Wandb(Logger):
         super().__init__(run_dir, cfg, config)
         os.environ.setdefault("WANDB_SILENT", "true")
         run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]  # a resumed run continues it
-        self.run = wandb.init(project=cfg.project, mode=cfg.mode, dir=str(run_dir), config=config,
-                              name=run_dir.name, resume="allow", id=run_id)
+        try:
+            self.run = wandb.init(project=cfg.project, mode=cfg.mode, dir=str(run_dir), config=config,
+                                  name=run_dir.name, resume="allow", id=run_id)
+        except Exception as e:  # wandb's own errors (login, project name, service) stop the run before training
+            raise ConfigError(f"logger=wandb could not start ({type(e).__name__}: {e}). Check logger.project and "
+                              f"logger.mode (one of {', '.join(WANDB_MODES)}; online needs `wandb login`), or "
+                              "use logger=jsonl.") from None
 
     def mirror(self, record: dict) -> None:
         self.run.log({f"{record['split']}/{k}": v for k, v in record.items() if k != "split"}, step=record["step"])

@@ -47,8 +47,10 @@ def param_groups(model: nn.Module, cfg, decays) -> list[dict]:
     for i, group in enumerate(cfg.groups):
         if not any(_matches(n, group) for n, _ in named):
             raise ConfigError(f"optim.groups[{i}].params={list(group.params)} matches no trainable parameter of "
-                              f"the model; its parameters are named like {', '.join(n for n, _ in named[:4])}, ... "
-                              "(shell-style patterns: '*' for any part, e.g. 'layers.*.bn*.bias').")
+                              f"this model, whose parameters are named like {', '.join(n for n, _ in named[:4])}, "
+                              "... Where the groups come with a preset (experiment=...) written for another model, "
+                              "drop them with optim.groups=[]; otherwise give shell-style patterns of this model's "
+                              "names ('*' for any part, e.g. 'layers.*.bn*.bias').")
     buckets: dict[tuple[int, bool], list] = {}
     for n, p in named:
         index = next((i for i, g in enumerate(cfg.groups) if _matches(n, g)), -1)

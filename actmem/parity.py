@@ -23,6 +23,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from actmem import train
+from actmem.config import validate
 from actmem.errors import ActmemError, StrategyError
 from actmem.rundir import SUMMARY, RunDirectory
 from actmem.suite.base import Table, num
@@ -84,8 +85,11 @@ def train_run(overrides: Sequence[str], path: Path) -> dict:
     (a protocol started again with the same --out picks up where it stopped). What the run raises is
     recorded in its summary ("failed"), then raised."""
     cfg = compose_config(overrides)
+    validate(cfg)
     directory = RunDirectory(path, cfg)
-    if not directory.finished:
+    if directory.finished:
+        directory.release()
+    else:
         path.mkdir(parents=True, exist_ok=True)
         directory.start()
         try:

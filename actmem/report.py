@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from actmem.rundir import owner_alive
+
 MB = 2**20
-COLUMNS = ["dataset", "model", "strategy", "bits", "batch", "status", "epochs", "test_acc", "activation_MB",
-           "activation_ratio", "step_peak_MB", "peak_memory_MB", "peak_rss_MB", "img_per_s", "throughput_vs_exact",
-           "reason", "run"]
+COLUMNS = ["dataset", "model", "strategy", "bits", "batch", "world_size", "status", "epochs", "test_acc",
+           "activation_MB", "activation_ratio", "step_peak_MB", "peak_memory_MB", "peak_rss_MB", "img_per_s",
+           "throughput_vs_exact", "reason", "run"]
 
 
 def _bits(strategy_config: dict | None) -> str | None:
@@ -36,17 +38,32 @@ def load_runs(paths) -> pd.DataFrame:
             mb = lambda v: v / MB if v is not None else None  # noqa: E731
             rows.append({
                 "dataset": s.get("dataset"), "model": s.get("model"), "strategy": s.get("strategy"),
-                "bits": _bits(s.get("strategy_config")), "batch": s.get("batch_size"), "status": s.get("status"),
+                "bits": _bits(s.get("strategy_config")), "batch": s.get("batch_size"),
+                "world_size": s.get("world_size") or 1, "status": _status(s, f.parent),
                 "epochs": s.get("epochs"), "test_acc": s.get("test_acc"),
                 "activation_MB": mb(s.get("activation_bytes")), "activation_ratio": s.get("activation_ratio"),
                 "step_peak_MB": mb(s.get("peak_tensor_bytes")), "peak_memory_MB": mb(s.get("peak_memory_bytes")),
                 "peak_rss_MB": mb(s.get("peak_rss_bytes")),
                 "img_per_s": s.get("throughput_img_s"),
-                "reason": s.get("error"),  # why a run failed or was interrupted; none for a completed one
+                # why a run failed or was interrupted; none for a completed one
+                "reason": s.get("error") if _status(s, f.parent) != "killed" else KILLED,
                 "run": str(f.parent),
             })
     df = pd.DataFrame(rows, columns=[c for c in COLUMNS if c != "throughput_vs_exact"])
     return add_relative_throughput(df)
+
+
+KILLED = ("its process ended without a word (SIGKILL, the out-of-memory killer or a lost node); run the same "
+          "command again to resume from its last checkpoint")
+
+
+def _status(summary: dict, run_dir: Path) -> str | None:
+    """summary.json's status, except that a run left "running" whose directory no live process owns
+    (actmem.rundir's lock) was killed."""
+    status = summary.get("status")
+    if status == "running" and owner_alive(run_dir) is False:
+        return "killed"
+    return status
 
 
 def _summary(f: Path) -> dict | None:
@@ -70,8 +87,9 @@ def plot_formats() -> set[str]:
 
 
 def add_relative_throughput(df: pd.DataFrame) -> pd.DataFrame:
-    """img/s over that of the exact run with the same dataset/model/batch (the latest one, if several)."""
-    key = ["dataset", "model", "batch"]
+    """img/s over that of the exact run with the same dataset/model/batch and number of processes (the
+    latest one, if several): a data-parallel run's img/s is the sum over its ranks."""
+    key = ["dataset", "model", "batch", "world_size"]
     exact = df[(df.strategy == "exact") & (df.status == "completed")].drop_duplicates(key, keep="last")
     exact = exact[key + ["img_per_s"]].rename(columns={"img_per_s": "exact_img_per_s"})
     out = df.merge(exact, on=key, how="left")

@@ -4,17 +4,25 @@
 a used directory may do: resume the same run (only RESUMABLE settings may differ), leave a completed run
 as it is, or refuse another run's directory before anything in it is touched. A checkpoint is written
 atomically at every epoch end with the one before kept, so a killed run loses at most one epoch and a
-truncated checkpoint falls back to the previous one. `CheckRunDir` is the Hydra callback that refuses,
+truncated checkpoint falls back to the previous one. Checkpoints hold tensors and plain numbers only and
+are read with torch.load(weights_only=True): a file that needs anything else is refused, never unpickled
+(an unpickled file can run code). One live process owns a directory: it holds an advisory lock on
+`run.lock` (released by the kernel when the process dies), so a second start is refused and a summary left
+"running" by a process that is gone reads as killed. `CheckRunDir` is the Hydra callback that refuses,
 in one paragraph, an output directory that cannot be created, before Hydra tries to.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
+import pickle
 import random
+import socket
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,7 @@ from actmem.provenance import git_commit, versions
 
 SUMMARY, METRICS = "summary.json", "metrics.jsonl"
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+LOCK = "run.lock"
 # What a restart may change: the length of the run (the schedule is then laid out for the new length from
 # the step reached), and how it reports or where it runs. Anything else makes it another run.
 RESUMABLE = ("trainer.epochs", "trainer.max_steps", "trainer.progress", "trainer.device", "trainer.threads",
@@ -62,17 +71,28 @@ def paragraph(text: str) -> str:
 
 
 class RunDirectory:
-    """One run's directory. Construct it first: it reads what the directory already holds and raises
-    ConfigError if that is another run. What it logs besides epoch records is the logger's choice
-    (actmem.loggers). With writes=False (the ranks of a data-parallel run other than rank 0) it reads
-    but writes nothing: summary, metrics and checkpoint are rank 0's."""
+    """One run's directory. Construct it first: it takes the directory's lock, reads what the directory
+    already holds and raises ConfigError if that is another run, a live process's, or a checkpoint this
+    start cannot resume (unreadable, unsafe, or written by another number of ranks) -- all before anything
+    in it changes. What it logs besides epoch records is the logger's choice (actmem.loggers). With
+    writes=False (the ranks of a data-parallel run other than rank 0) it reads but writes nothing:
+    summary, metrics and checkpoint are rank 0's."""
 
-    def __init__(self, path: Path, cfg: DictConfig, writes: bool = True):
+    def __init__(self, path: Path, cfg: DictConfig, writes: bool = True, world_size: int = 1):
         self.path = Path(path)
         self.cfg = cfg
         self.writes = writes
         self.config = OmegaConf.to_container(cfg, resolve=True)
-        self.previous = self._previous_summary()
+        self.lock = _take_lock(self.path) if writes else None
+        try:
+            self.previous = self._previous_summary()
+            self.killed = bool(self.previous and self.previous.get("status") == "running")
+            self.checkpoint = None if self.finished else self._readable_checkpoint()
+            if self.checkpoint is not None:
+                _check_world_size(self.path, self.checkpoint, world_size)
+        except BaseException:
+            self.release()
+            raise
         self.summary: dict = {}
         self.logger = None
 
@@ -87,12 +107,47 @@ class RunDirectory:
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).exists()
 
+    def release(self) -> None:
+        """Give up the directory (the process's exit does it too)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
     # ---------------------------------------------------------------- summary.json and metrics.jsonl
 
     def start(self) -> None:
         """summary.json with status "running"; ConfigError where the directory cannot be written."""
         cfg = self.cfg
-        self.summary = {
+        if self.killed and self.writes:
+            print(f"{self.path} was left 'running' by a process that ended without a word (killed, e.g. by "
+                  "SIGKILL, the out-of-memory killer or a lost node)"
+                  + ("; resuming from its last checkpoint." if self.checkpoint else "; it kept no checkpoint, so "
+                     "this run starts over."), flush=True)
+        # The logger first: where it cannot start (wandb's errors) the summary is still the old run's.
+        # The other ranks of a torchrun job log nothing but keep the cadence: logged steps reduce the loss.
+        self.logger = (LOGGERS.get(cfg.logger.name).fn if self.writes else
+                       EpochsOnly if cfg.logger.name == "none" else Logger)(self.path, cfg.logger, self.config)
+        self.summary = self._first_summary()
+        try:
+            self.update()
+        except OSError as e:
+            raise ConfigError(f"cannot write {e.filename} ({e.strerror}). Give the run a directory it can write, "
+                              "e.g. hydra.run.dir=outputs/NAME.") from None
+
+    def refuse(self, error: str) -> None:
+        """A start refused for its settings: a fresh directory records why (a sweep's report lists the job);
+        one that holds a run is left as it is."""
+        if self.previous is None and self.writes:
+            self.summary = self._first_summary()
+            try:
+                self.update(status="failed", error=error)
+            except OSError:  # the directory cannot be written: the paragraph alone says why
+                pass
+        self.release()
+
+    def _first_summary(self) -> dict:
+        cfg = self.cfg
+        return {
             "status": "running", "dataset": cfg.dataset.name, "model": cfg.model.name,
             "strategy": cfg.strategy.name, "strategy_config": self.config["strategy"],
             "batch_size": cfg.trainer.batch_size, "epochs": 0, "steps": 0, "seed": cfg.seed, "device": None,
@@ -102,14 +157,6 @@ class RunDirectory:
             "throughput_img_s": None, "wall_time_s": None, "versions": versions(), "git_commit": git_commit(),
             "config": self.config,
         }
-        try:
-            self.update()
-        except OSError as e:
-            raise ConfigError(f"cannot write {e.filename} ({e.strerror}). Give the run a directory it can write, "
-                              "e.g. hydra.run.dir=outputs/NAME.") from None
-        # The other ranks of a torchrun job log nothing but keep the cadence: logged steps reduce the loss.
-        self.logger = (LOGGERS.get(cfg.logger.name).fn if self.writes else
-                       EpochsOnly if cfg.logger.name == "none" else Logger)(self.path, cfg.logger, self.config)
 
     def update(self, **fields) -> None:
         self.summary.update(fields)
@@ -117,11 +164,12 @@ class RunDirectory:
             write_json_atomic(self.path / SUMMARY, self.summary)
 
     def finish(self, status: str, **fields) -> None:
-        """The final summary (completed, failed or interrupted); closes the logger."""
+        """The final summary (completed, failed or interrupted); closes the logger, gives up the lock."""
         self.update(status=status, **fields)
         if self.logger is not None:
             self.logger.finish()
             self.logger = None
+        self.release()
 
     def wants_step(self, step: int) -> bool:
         return self.logger is not None and self.logger.log_every > 0 and step % self.logger.log_every == 0
@@ -139,9 +187,9 @@ class RunDirectory:
     def save(self, *, model, optimizer, scheduler, scaler, epoch: int, step: int, progress: dict,
              lookahead=None, in_epoch: list[dict] | None = None, ranks: list[dict] | None = None) -> None:
         """`epoch`: epochs completed; `progress`: the loop's running figures (best accuracy, ...);
-        `in_epoch`: for a checkpoint inside an epoch, what that epoch has summed on each rank
-        (engine.EpochSums); `ranks`: each rank's own state, in rank order: {"rng": rng_state(), ...}
-        (default: this process's RNG states)."""
+        `in_epoch`: for a checkpoint inside an epoch (a mid-epoch checkpoint, or a run that stopped before
+        its epoch's end), what that epoch has summed on each rank (engine.EpochSums); `ranks`: each rank's
+        own state, in rank order: {"rng": rng_state(), ...} (default: this process's RNG states)."""
         if not self.writes:
             return
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -155,12 +203,11 @@ class RunDirectory:
             os.replace(path, self.path / PREVIOUS)
         os.replace(tmp, path)
 
-    def resume(self, *, model, optimizer, scheduler, scaler, device, lookahead=None, rank: int = 0,
-               world_size: int = 1) -> dict | None:
-        """Restore the saved state in place (rank `rank`'s RNG states), drop the metrics records past it, and
-        bring the summary up to it; returns {epoch, step, progress, in_epoch, rank: this rank's saved state},
-        or None when there is nothing to resume."""
-        state = self._readable_checkpoint(device)
+    def resume(self, *, model, optimizer, scheduler, scaler, lookahead=None, rank: int = 0) -> dict | None:
+        """Restore the checkpoint read at construction in place (rank `rank`'s RNG states), drop the metrics
+        records past it, and bring the summary up to it; returns {epoch, step, progress, in_epoch, rank:
+        this rank's saved state}, or None when there is nothing to resume."""
+        state, self.checkpoint = self.checkpoint, None
         if state is None:
             return None
         model.load_state_dict(state["model"])
@@ -170,27 +217,25 @@ class RunDirectory:
             scaler.load_state_dict(state["scaler"])
         if lookahead and state.get("lookahead"):
             lookahead.load_state_dict(state["lookahead"])
-        ranks = state["ranks"] if "ranks" in state else [{"rng": state["rng"]}]  # before data-parallel runs
-        if len(ranks) != world_size:
-            raise ConfigError(f"{self.path} holds a run trained with {len(ranks)} process(es) (torchrun's "
-                              f"--nproc_per_node); this start has {world_size}. The global batch would change: "
-                              f"resume with {len(ranks)}, or start this run in a fresh directory.")
+        ranks = state["ranks"]
         _set_rng_state(ranks[rank]["rng"])
         if self.writes:
             print(f"Resuming from {self.path / CHECKPOINT}: {state['epoch']} epoch(s), {state['step']} step(s) "
                   "done.", flush=True)
-            self._drop_records_after(state["step"])
+            self._drop_records_after(state["step"], mid_epoch=state.get("in_epoch") is not None)
         self.update(epochs=state["epoch"], steps=state["step"], **state["progress"])
         return {"epoch": state["epoch"], "step": state["step"], "progress": state["progress"],
                 "in_epoch": state.get("in_epoch"), "rank": ranks[rank]}
 
-    def _drop_records_after(self, step: int) -> None:
-        """metrics.jsonl without the records of steps the checkpoint does not hold: they are trained again,
-        and a step (or an epoch) must not appear twice."""
+    def _drop_records_after(self, step: int, mid_epoch: bool) -> None:
+        """metrics.jsonl without the records the resumed run writes again: those of later steps, the
+        test-time-augmented evaluation, and, for a checkpoint inside an epoch, that epoch's end records
+        (a run stopped by trainer.max_steps evaluated its unfinished epoch): a step or an epoch must not
+        appear twice."""
         path = self.path / METRICS
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines(keepends=True) if _step_of(line) <= step]
+        kept = [line for line in path.read_text().splitlines(keepends=True) if _kept(line, step, mid_epoch)]
         tmp = path.with_name(METRICS + ".tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
@@ -213,7 +258,8 @@ class RunDirectory:
                               ) from None
         if old.get("config") is None:  # written before summaries kept their config
             return old
-        before, now = _flat(old["config"]), _flat(self.config)
+        # compared as written: the summary holds strict JSON
+        before, now = _flat(old["config"]), _flat(strict(self.config))
         changed = sorted(k for k in before.keys() | now.keys()
                          if before.get(k) != now.get(k) and not k.startswith(RESUMABLE))
         if changed:
@@ -225,9 +271,10 @@ class RunDirectory:
                               f"{self.path} to discard the old run.")
         return old
 
-    def _readable_checkpoint(self, device) -> dict | None:
-        """The latest checkpoint, or the one before where the latest cannot be read (truncated by a full
-        disk, say); ConfigError where neither can."""
+    def _readable_checkpoint(self) -> dict | None:
+        """The latest checkpoint, on the CPU, or the one before where the latest cannot be read (truncated
+        by a full disk, say); ConfigError where neither can, or where one needs more than the safe loader
+        admits."""
         path = self.path / CHECKPOINT
         if not path.exists():
             return None
@@ -236,8 +283,13 @@ class RunDirectory:
             if not candidate.exists():
                 continue
             try:
-                state = torch.load(candidate, map_location=device, weights_only=False)
-            except Exception as e:  # torch.load raises pickle, zip, EOF and Runtime errors for a damaged file
+                state = torch.load(candidate, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                if "Unsupported global" in str(e):  # a well-formed file asking for objects: refused, not damaged
+                    raise ConfigError(_unsafe_message(candidate, e)) from None
+                errors.append(f"{candidate.name}: {type(e).__name__}")
+                continue
+            except Exception as e:  # torch.load raises zip, EOF and Runtime errors for a damaged file
                 errors.append(f"{candidate.name}: {type(e).__name__}")
                 continue
             if candidate != path:
@@ -247,6 +299,65 @@ class RunDirectory:
         raise ConfigError(f"{path} is unreadable ({'; '.join(errors)}) and no earlier checkpoint can be read, so "
                           f"the run in {self.path} cannot resume. Delete {self.path} (or start in a fresh "
                           "directory) to train from the start.")
+
+
+def _unsafe_message(path: Path, error: Exception) -> str:
+    why = next(line.strip() for line in str(error).splitlines() if "Unsupported global" in line)
+    return (f"{path} was not loaded: it holds more than tensors and plain numbers ({why}), and reading it would "
+            "mean unpickling arbitrary objects, which can run code. actmem writes its checkpoints for PyTorch's "
+            "safe loader (torch.load(weights_only=True)), so this file was written by something else (or by an "
+            "actmem from before 2026-12-08). Start this run in a fresh directory, or delete the checkpoint files "
+            f"in {path.parent} to train from the start.")
+
+
+def _check_world_size(path: Path, state: dict, world_size: int) -> None:
+    saved = len(state["ranks"])
+    if saved != world_size:
+        raise ConfigError(f"{path} holds a run trained with {saved} process(es) (torchrun's --nproc_per_node); "
+                          f"this start has {world_size}. The global batch would change: resume with {saved}, or "
+                          "start this run in a fresh directory.")
+
+
+def _take_lock(path: Path):
+    """The directory's lock file, locked by this process (the open file keeps it); ConfigError naming the
+    live owner where another process holds it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle = open(path / LOCK, "a+")
+    except OSError as e:
+        raise ConfigError(f"cannot write {e.filename} ({e.strerror}). Give the run a directory it can write, "
+                          "e.g. hydra.run.dir=outputs/NAME.") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise ConfigError(f"{path} is in use: {owner} is running in it now, and a run directory is written by one "
+                          "process. Wait for it to end (or stop it: the run resumes from its checkpoint when "
+                          "started again), or start this run in another directory.") from None
+    except OSError:  # a file system without locks (some network mounts): go on without one
+        pass
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})")
+    handle.flush()
+    return handle
+
+
+def owner_alive(path: Path) -> bool | None:
+    """Whether a live process holds `path`'s lock (None where that cannot be told: a file system without
+    locks). A summary "running" with no live owner is a run that was killed."""
+    try:
+        with open(Path(path) / LOCK) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+    except FileNotFoundError:  # no process ever locked it
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
 
 
 class CheckRunDir(Callback):
@@ -272,12 +383,16 @@ def _make_dir(path: str, key: str) -> None:
         sys.exit(2)
 
 
-def _step_of(line: str) -> float:
-    """A metrics record's step; infinite for a line a killed run left half written (dropped with the rest)."""
+def _kept(line: str, step: int, mid_epoch: bool) -> bool:
+    """Whether a metrics record stays when resuming at `step` (see _drop_records_after); a line a killed run
+    left half written goes."""
     try:
-        return json.loads(line)["step"]
+        record = json.loads(line)
+        at = record["step"]
     except (ValueError, KeyError, TypeError):
-        return math.inf
+        return False
+    step_record = record.get("split") == "train" and record.get("acc") is None
+    return at < step or (at == step and "tta" not in record and (step_record or not mid_epoch))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -291,7 +406,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """This process's RNG states in types the safe loader reads (numpy's as a tensor and numbers)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -300,6 +419,7 @@ def rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

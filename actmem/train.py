@@ -48,22 +48,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def check_input(model_name: str, image_shape: tuple[int, int, int], dataset_name: str) -> None:
+def check_input(model_name: str, image_shape: tuple[int, int, int], dataset_cfg) -> None:
     """Refuse, before training, an input the model was not built for: CIFAR models (and vit_tiny's
     positional embeddings) take 3x32x32; torchvision's ImageNet models any 3-channel size from 64 up
-    (below that their stride-32 stem leaves 1x1 maps before the last stage)."""
+    (below that their stride-32 stem leaves 1x1 maps before the last stage). A fix names only keys this
+    dataset has."""
     c, h, w = image_shape
     kind = models.info(model_name)["input"]
+    name, keys = dataset_cfg.name, set(dataset_cfg.keys())
+    size_key = "image_size" in keys
     if c != 3:
-        raise ConfigError(f"dataset={dataset_name} gives {c}-channel images; model={model_name} takes 3 channels "
-                          "(set dataset.channels=3).")
+        fix = "set dataset.channels=3" if "channels" in keys else "use a dataset of RGB images"
+        raise ConfigError(f"dataset={name} gives {c}-channel images; model={model_name} takes 3 channels ({fix}).")
     if kind == "cifar" and (h, w) != (32, 32):
-        raise ConfigError(f"model={model_name} is built for 32x32 CIFAR images; dataset={dataset_name} gives "
-                          f"{h}x{w}. Use dataset.image_size=32, or an ImageNet model (resnet50, ...) for this size.")
+        raise ConfigError(f"model={model_name} is built for 32x32 CIFAR images; dataset={name} gives {h}x{w}. "
+                          + ("Use dataset.image_size=32, or" if size_key else "Use") +
+                          " an ImageNet model (resnet50, ...) for this size.")
     if kind == "imagenet" and min(h, w) < 64:
-        raise ConfigError(f"model={model_name} is an ImageNet model and dataset={dataset_name} gives {h}x{w} "
-                          "images; it needs at least 64x64 (224x224 as published). Use a larger "
-                          "dataset.image_size, or a CIFAR model (resnet20, resnet18, ...) for 32x32.")
+        raise ConfigError(f"model={model_name} is an ImageNet model and dataset={name} gives {h}x{w} images; it "
+                          "needs at least 64x64 (224x224 as published). "
+                          + ("Use a larger dataset.image_size, or" if size_key else "Use") +
+                          " a CIFAR model (resnet20, resnet18, ...) for 32x32.")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -98,7 +103,6 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
     """Train as `cfg` says, into `directory`; under torchrun `world` is this rank's place in the job."""
     t_start = time.perf_counter()
     reset_peak_rss()
-    validate(cfg)
     trainer = cfg.trainer
     device = world.device(resolve_device(trainer.device))
     if trainer.sync_bn and world.distributed and device.type != "cuda":
@@ -110,7 +114,7 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
     strategy_cfg = strategies.resolve(cfg.strategy)
     bundle = data.build(cfg.dataset, batch_size=trainer.batch_size, device=device, seed=cfg.seed, rank=world.rank,
                         world_size=world.size)
-    check_input(cfg.model.name, bundle.image_shape, cfg.dataset.name)
+    check_input(cfg.model.name, bundle.image_shape, cfg.dataset)
     model = models.build(cfg.model.name, num_classes=bundle.num_classes, **cfg.model.kwargs).to(device)
     precision = Precision.build(trainer.amp, device, trainer.channels_last)
     if trainer.channels_last:
@@ -134,7 +138,7 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
         total_steps = min(total_steps, trainer.max_steps)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, total_steps, steps_per_epoch, cfg.optim)
-    lookahead = Lookahead(cfg.optim.lookahead, total_steps) if cfg.optim.lookahead else None
+    lookahead = Lookahead(cfg.optim.lookahead, total_steps) if cfg.optim.lookahead.enabled else None
     train_loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.optim.label_smoothing)
     test_loss_fn = nn.CrossEntropyLoss()
     if probe:
@@ -146,7 +150,7 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
     if world.rank > 0:
         torch.manual_seed(epoch_seed(cfg.seed, -1, world.rank))
     state = directory.resume(model=model, optimizer=optimizer, scheduler=scheduler, scaler=precision.scaler,
-                             device=device, lookahead=lookahead, rank=world.rank, world_size=world.size)
+                             lookahead=lookahead, rank=world.rank)
     start_epoch, step = (state["epoch"], state["step"]) if state else (0, 0)
     progress = state["progress"] if state else {"best_test_acc": None, "test_acc": None, "train_loss": None}
     done = EpochSums(**state["in_epoch"][world.rank]) if state and state["in_epoch"] else None
@@ -195,7 +199,10 @@ def run(cfg: DictConfig, directory: RunDirectory, world: World = SINGLE) -> None
         if world.main:
             print(f"epoch {epoch}: train loss {result.loss:.4f} acc {result.acc:.2f}% | test loss {test_loss:.4f} "
                   f"acc {test_acc:.2f}% | {result.img_per_s:.0f} img/s", flush=True)
-        save(epoch + 1, step)
+        if result.sums.batches < len(bundle.train):  # stopped inside the epoch: a longer restart goes on in it
+            save(epoch, step, in_epoch=result.sums)
+        else:
+            save(epoch + 1, step)
         directory.update(epochs=epoch + 1, steps=step, **progress)
     if trainer.tta:
         final_tta(model, bundle.test, test_loss_fn, precision, directory, trainer, step, world)
@@ -229,6 +236,17 @@ def final_tta(model, loader, loss_fn, precision, directory, trainer, step: int, 
     if world.main:
         print(f"test-time augmentation (level {trainer.tta}): test loss {loss:.4f} acc {acc:.2f}%", flush=True)
     directory.update(test_acc=acc, tta=trainer.tta)
+
+
+def record_refusal(directory: RunDirectory | None, run_dir: Path, cfg: DictConfig, error: str) -> None:
+    """A start refused for its settings leaves its reason in a fresh directory (a sweep's report lists the
+    job) and leaves a directory that holds a run, or a live process's, as it is."""
+    if directory is None:
+        try:
+            directory = RunDirectory(run_dir, cfg, writes=int(os.environ.get("RANK", 0)) == 0)
+        except ActmemError:
+            return
+    directory.refuse(error)
 
 
 class Interrupted(BaseException):
@@ -283,18 +301,23 @@ def lost_ranks(world: World) -> str:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    directory = None
     try:
+        validate(cfg)
         world = World.setup(resolve_device(cfg.trainer.device))
-        # Refuses another run's directory before touching it; under torchrun only rank 0 writes.
-        directory = RunDirectory(run_dir, cfg, writes=world.main)
+        # Refuses another run's directory (or a live process's, or a checkpoint it cannot resume) before
+        # touching it; under torchrun only rank 0 writes.
+        directory = RunDirectory(run_dir, cfg, writes=world.main, world_size=world.size)
         if directory.finished:
             if world.main:
                 print(f"{run_dir} holds this run, completed ({directory.previous.get('epochs')} epoch(s)); "
                       "nothing to do. Give more trainer.epochs to train on.")
+            directory.release()
             world.close()
             return
         directory.start()
     except ActmemError as e:
+        record_refusal(directory, run_dir, cfg, str(e))
         _fail(2, paragraph(f"Error: {e}"))
     for signum in (signal.SIGINT, signal.SIGTERM):
         try:

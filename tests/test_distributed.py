@@ -139,3 +139,22 @@ def test_sync_bn_is_refused_with_a_strategy_that_replaces_batchnorm():
 def test_sync_bn_on_the_cpu_is_refused_in_one_paragraph(tmp_path):
     res = launch(tmp_path / "run", "trainer.sync_bn=true", "trainer.max_steps=1")
     assert res.returncode != 0 and "SyncBatchNorm runs on GPUs only" in res.stderr
+
+
+def test_a_failed_job_under_actmem_torchrun_ends_with_the_ranks_paragraph_and_status(tmp_path):
+    """torchrun itself prints its agent's traceback and exits 1; python -m actmem.torchrun leaves the rank's
+    paragraph, names the rank, and exits with its status (2: a refused setting)."""
+    cmd = [sys.executable, "-m", "actmem.torchrun", "--standalone", "--nproc_per_node=2", "-m", "actmem.train",
+           f"hydra.run.dir={tmp_path}", "dataset=cifar10", "dataset.root=/nonexistent", "model=vit_tiny",
+           "trainer.progress=false", "logger=none"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in said, said
+    assert "/nonexistent" in said and "failed: rank" in said and "exit status 2" in said, said
+
+
+def test_exit_status_of_a_rank_killed_by_a_signal():
+    from actmem.torchrun import exit_status
+
+    assert exit_status(-9) == 137 and exit_status(2) == 2 and exit_status(0) == 1

@@ -14,7 +14,8 @@ from actmem.report import load_runs, main, render
 
 def _summary(path, strategy, img_s, batch=128, status="completed", **kw):
     path.mkdir(parents=True)
-    s = {"status": status, "dataset": "cifar10", "model": "resnet20", "strategy": strategy,
+    world_size = kw.pop("world_size", None)
+    s = {"status": status, "dataset": "cifar10", "model": "resnet20", "strategy": strategy, "world_size": world_size,
          "strategy_config": {"name": strategy, **kw}, "batch_size": batch, "epochs": 1, "test_acc": 50.0,
          "activation_bytes": 2**20 * 10, "activation_ratio": 2.0, "peak_memory_bytes": None,
          "peak_rss_bytes": 2**30, "throughput_img_s": img_s}
@@ -32,6 +33,27 @@ def test_relative_throughput_against_exact_of_same_setting(tmp_path):
     assert df.loc[str(tmp_path / "c"), "throughput_vs_exact"] != df.loc[str(tmp_path / "c"), "throughput_vs_exact"]
     assert df.loc[str(tmp_path / "d"), "bits"] == "2"
     assert df.loc[str(tmp_path / "a"), "activation_MB"] == pytest.approx(10.0)
+
+
+def test_runs_of_another_number_of_ranks_are_compared_with_their_own_exact_run(tmp_path):
+    _summary(tmp_path / "exact1", "exact", 100.0)
+    _summary(tmp_path / "actnn2", "actnn", 150.0, world_size=2)  # 2 ranks: img/s summed over them
+    _summary(tmp_path / "exact2", "exact", 180.0, world_size=2)
+    _summary(tmp_path / "actnn4", "actnn", 300.0, world_size=4)  # no exact with 4 ranks
+    df = load_runs([tmp_path]).set_index("run")
+    assert df.loc[str(tmp_path / "actnn2"), "throughput_vs_exact"] == pytest.approx(150 / 180)
+    assert pd.isna(df.loc[str(tmp_path / "actnn4"), "throughput_vs_exact"])
+    assert df.loc[str(tmp_path / "actnn2"), "world_size"] == 2 and df.loc[str(tmp_path / "exact1"), "world_size"] == 1
+    assert "world_size" in render(df.reset_index(), "md")
+
+
+def test_a_run_left_running_by_a_dead_process_reads_as_killed(tmp_path):
+    _summary(tmp_path / "dead", "exact", None, status="running")
+    (tmp_path / "dead" / "run.lock").write_text("pid 1 on elsewhere")  # nobody holds it
+    _summary(tmp_path / "nolock", "exact", None, status="running")  # from before locks: nobody owns it either
+    df = load_runs([tmp_path]).set_index("run")
+    assert set(df.status) == {"killed"}
+    assert "without a word" in df.loc[str(tmp_path / "dead"), "reason"]
 
 
 def test_bits_column_prints_as_given_with_exact_rows(tmp_path):

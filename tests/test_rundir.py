@@ -33,6 +33,7 @@ def test_a_restart_may_change_the_length_only_and_a_finished_run_is_left_alone(t
     assert RunDirectory(tmp_path, config()).finished
     longer = RunDirectory(tmp_path, config(epochs=3, progress=True))  # the same run, trained on
     assert not longer.finished and longer.previous["status"] == "completed"
+    longer.release()
     with pytest.raises(ConfigError, match=r"holds another run.*trainer\.batch_size=32 there, 64 now"):
         RunDirectory(tmp_path, config(batch_size=64))
 
@@ -60,13 +61,108 @@ def test_resume_falls_back_to_the_checkpoint_before_an_unreadable_one(tmp_path):
     kwargs = dict(model=model, optimizer=opt, scheduler=sched, scaler=None)
     directory.save(**kwargs, epoch=1, step=4, progress={"test_acc": 10.0})
     directory.save(**kwargs, epoch=2, step=8, progress={"test_acc": 20.0})
-    assert directory.resume(**kwargs, device="cpu")["step"] == 8
+    directory.release()
+
+    def restarted():
+        again = RunDirectory(tmp_path, config())
+        again.start()
+        return again, again.resume(**kwargs)
+
+    again, state = restarted()
+    assert state["step"] == 8
+    again.release()
     (tmp_path / CHECKPOINT).write_bytes(b"truncated")
-    assert directory.resume(**kwargs, device="cpu")["step"] == 4
-    assert directory.summary["epochs"] == 1 and directory.summary["test_acc"] == 10.0  # summary follows
+    again, state = restarted()
+    assert state["step"] == 4
+    assert again.summary["epochs"] == 1 and again.summary["test_acc"] == 10.0  # summary follows
+    again.release()
     (tmp_path / PREVIOUS).write_bytes(b"")
     with pytest.raises(ConfigError, match="checkpoint.pt is unreadable .* Delete"):
-        directory.resume(**kwargs, device="cpu")
+        RunDirectory(tmp_path, config())
+
+
+class RunsCode:
+    """Unpickled, it would create the file `marker`: what a crafted checkpoint does to whoever loads it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path):
+    started(tmp_path, config()).finish("interrupted")
+    marker = tmp_path / "code_ran"
+    torch.save({"model": {}, "ranks": [{"rng": RunsCode(marker)}]}, tmp_path / CHECKPOINT)
+    with pytest.raises(ConfigError, match=r"checkpoint.pt was not loaded: .*can run code.*fresh directory"):
+        RunDirectory(tmp_path, config())
+    assert not marker.exists()
+    torch.load(tmp_path / CHECKPOINT, weights_only=False)  # the same file runs code when unpickled the old way
+    assert marker.exists()
+
+
+def test_a_checkpoint_holds_only_what_the_safe_loader_reads_and_restores_every_rng(tmp_path):
+    import random
+
+    import numpy as np
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    kwargs = dict(model=model, optimizer=opt, scheduler=sched, scaler=torch.amp.GradScaler("cpu"))
+    directory = started(tmp_path, config())
+    directory.save(**kwargs, epoch=1, step=4, progress={"test_acc": 10.0})
+    directory.release()
+    draws = lambda: (torch.rand(3).tolist(), random.random(), np.random.rand(3).tolist())  # noqa: E731
+    expected = draws()  # what follows the saved states
+    torch.load(tmp_path / CHECKPOINT, weights_only=True)  # the safe loader reads the whole file
+    again = RunDirectory(tmp_path, config())
+    again.start()
+    again.resume(**kwargs)
+    assert draws() == expected
+
+
+def test_a_refused_restart_leaves_the_directory_as_it_was(tmp_path):
+    """Another number of ranks, or an unreadable checkpoint: refused before summary.json is rewritten."""
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    directory = started(tmp_path, config())
+    directory.save(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1), scaler=None,
+                   epoch=1, step=4, progress={})
+    directory.finish("interrupted")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="trained with 1 process"):
+        RunDirectory(tmp_path, config(), world_size=2)
+    (tmp_path / CHECKPOINT).write_bytes(b"x")
+    before[CHECKPOINT] = b"x"
+    (tmp_path / PREVIOUS).write_bytes(b"")
+    before[PREVIOUS] = b""
+    with pytest.raises(ConfigError, match="unreadable"):
+        RunDirectory(tmp_path, config())
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_one_live_process_owns_a_directory_and_a_dead_owner_reads_as_killed(tmp_path):
+    from actmem.rundir import owner_alive
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from omegaconf import OmegaConf; from actmem.rundir import RunDirectory; "
+        f"d = RunDirectory(sys.argv[1], OmegaConf.create({dict(config())!r})); d.start(); print('ready', flush=True); "
+        "time.sleep(60)"), str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        assert owner_alive(tmp_path) is True
+        with pytest.raises(ConfigError, match=rf"is in use: pid {holder.pid} on .* is running in it now"):
+            RunDirectory(tmp_path, config())
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "running"  # as the killed process left it
+    assert owner_alive(tmp_path) is False
+    assert RunDirectory(tmp_path, config()).killed
 
 
 @pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])

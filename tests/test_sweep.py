@@ -73,3 +73,19 @@ def test_slurm_launchers_hand_sbatch_their_settings(tmp_path, launcher, override
     assert lines.index("module load cuda/12.4") < lines.index("export OMP_NUM_THREADS=8") < \
         next(i for i, line in enumerate(lines) if line.startswith("srun "))
     assert not list((tmp_path / "sweep").rglob("summary.json"))  # nothing ran
+
+
+def test_a_relaunched_sweep_takes_its_own_jobs_back(tmp_path):
+    """The same sweep started again in its directory: the completed job has nothing to do, and the job that
+    was refused for an infinite lr is refused for that again -- not as "another run" (its summary keeps
+    the lr as null, strict JSON, and used to differ from the inf it was started with)."""
+    cmd = [sys.executable, "-m", "actmem.train", "-m", f"hydra.sweep.dir={tmp_path}", *QUICK, "optim.lr=0.1,inf"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and "optim.lr=inf" in first.stderr, first.stderr
+    summaries = {p: p.read_text() for p in tmp_path.rglob("summary.json")}
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    said = " ".join(again.stderr.split())
+    assert again.returncode == 1 and "holds another run" not in said and "Traceback" not in said, said
+    assert "optim.lr=inf: the learning rate must be a positive finite number" in said, said
+    assert "nothing to do" in again.stdout, again.stdout
+    assert {p: p.read_text() for p in tmp_path.rglob("summary.json")} == summaries

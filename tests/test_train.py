@@ -20,6 +20,7 @@ SPEC_FIELDS = {
     "throughput_img_s", "wall_time_s", "versions", "git_commit",
 }
 METRIC_FIELDS = {"epoch", "step", "split", "loss", "acc", "lr", "img_per_s", "time"}
+QUICK = ["dataset=synthetic", "model=resnet20", "trainer.batch_size=128", "trainer.measure_activations=false"]
 
 
 def test_smoke_run_writes_complete_summary(tmp_path):
@@ -218,22 +219,17 @@ def test_a_summary_path_that_is_not_a_file_is_refused_with_a_paragraph(tmp_path)
 
 
 def test_a_run_that_breaks_in_training_records_failed_and_says_whether_a_checkpoint_was_kept(tmp_path):
-    """Any other error (here an image file that is not an image) fails the run with one paragraph and a
-    `failed` summary; with no epoch finished it must not claim a checkpoint."""
-    root = tmp_path / "imagenet"
-    for split in ("train", "val"):
-        for wnid in ("n01", "n02"):
-            (root / split / wnid).mkdir(parents=True)
-            for i in range(4):
-                (root / split / wnid / f"{i}.JPEG").write_text("not an image")
-    run_dir = tmp_path / "run"
-    res = run_train("dataset=imagenet", f"dataset.root={root}", "dataset.image_size=64", "dataset.workers=0",
-                    "model=resnet50", "trainer.batch_size=4", "trainer.max_steps=2", "logger=none", run_dir=run_dir)
+    """Any other error (here one the test probe raises after step 1) fails the run with one paragraph and
+    a `failed` summary; with no epoch finished it must not claim a checkpoint."""
+    cmd = [sys.executable, str(REPO / "tests" / "train_probe.py"), f"hydra.run.dir={tmp_path}", *QUICK,
+           "trainer.max_steps=2", "logger=none", "trainer.progress=false"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PROBE_FAIL_AT_STEP": "1"})
     said = " ".join(res.stderr.split())
-    assert res.returncode == 1 and "Traceback" not in said and "Run failed: UnidentifiedImageError" in said, said
-    assert "No checkpoint was written yet" in said and not (run_dir / "checkpoint.pt").exists()
-    summary = _strict_json(run_dir / "summary.json")
-    assert summary["status"] == "failed" and "UnidentifiedImageError" in summary["error"]
+    assert res.returncode == 1 and "Traceback" not in said and "Run failed: RuntimeError" in said, said
+    assert "No checkpoint was written yet" in said and not (tmp_path / "checkpoint.pt").exists()
+    summary = _strict_json(tmp_path / "summary.json")
+    assert summary["status"] == "failed" and "injected by the probe" in summary["error"]
 
 
 def test_measuring_memory_before_training_leaves_the_training_draws_alone(tmp_path):
@@ -262,7 +258,7 @@ def test_airbench94_recipe_runs_its_pieces_end_to_end(tmp_path):
     for epochs in (3, 4):  # 3, then resumed to 4 (trainer.epochs may change on a restart)
         res = run_train(*overrides, f"trainer.epochs={epochs}", run_dir=tmp_path)
         assert res.returncode == 0, res.stderr
-        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
         if epochs == 3:
             after_3 = ckpt["model"]
             assert ckpt["lookahead"] is None or ckpt["lookahead"]["average"] is None
@@ -280,3 +276,57 @@ def test_airbench94_recipe_runs_its_pieces_end_to_end(tmp_path):
     tta = [r for r in records if r.get("tta")]
     assert summary["status"] == "completed" and summary["steps"] == 32 and summary["tta"] == 2
     assert tta[-1]["split"] == "test" and summary["test_acc"] == tta[-1]["acc"]
+
+
+
+def test_raising_max_steps_trains_on_from_where_a_stopped_run_left(tmp_path):
+    """A run stopped by trainer.max_steps inside an epoch checkpoints that epoch unfinished: a restart with
+    more steps goes on in it (it used to be saved as finished, and the restart trained nothing), and the
+    epoch's records appear once."""
+    assert run_train(*QUICK, "trainer.max_steps=2", "logger=none", run_dir=tmp_path).returncode == 0
+    res = run_train(*QUICK, "trainer.max_steps=4", "logger=none", run_dir=tmp_path)
+    assert res.returncode == 0 and "0 epoch(s), 2 step(s) done" in res.stdout, res.stdout + res.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 4 and summary["epochs"] == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records if r["split"] == "test"] == [(0, 4)]
+
+
+def test_a_crafted_checkpoint_runs_no_code_and_the_refusal_changes_nothing(tmp_path):
+    from test_rundir import RunsCode
+
+    assert run_train(*QUICK, "trainer.max_steps=1", "logger=none", run_dir=tmp_path).returncode == 0
+    marker = tmp_path / "code_ran"
+    torch.save({"model": {}, "ranks": [{"rng": RunsCode(marker)}]}, tmp_path / "checkpoint.pt")
+    kept = {name: (tmp_path / name).read_bytes() for name in ("summary.json", "metrics.jsonl", "checkpoint.pt")}
+    res = run_train(*QUICK, "trainer.max_steps=2", "logger=none", run_dir=tmp_path)
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in said and "can run code" in said, said
+    assert not marker.exists()
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+
+
+def test_a_bad_wandb_mode_is_refused_before_the_run_starts(tmp_path):
+    res = run_train(*QUICK, "trainer.max_steps=1", "logger=wandb", "logger.mode=bogus", run_dir=tmp_path)
+    said = " ".join(res.stderr.split())
+    assert res.returncode == 2 and "Traceback" not in said and "logger.mode='bogus'" in said, said
+    summary = json.loads((tmp_path / "summary.json").read_text())  # a fresh directory says why; not "running"
+    assert summary["status"] == "failed" and "logger.mode" in summary["error"]
+
+
+def test_input_size_hints_name_only_keys_the_dataset_has():
+    from actmem.errors import ConfigError
+    from actmem.train import check_input
+
+    cifar = OmegaConf.create({"name": "cifar10", "root": "data/cifar10"})
+    synthetic = OmegaConf.create({"name": "synthetic", "image_size": 64, "channels": 1})
+    with pytest.raises(ConfigError) as refused:
+        check_input("resnet50", (3, 32, 32), cifar)
+    assert "image_size" not in str(refused.value) and "CIFAR model" in str(refused.value)
+    with pytest.raises(ConfigError, match="dataset.image_size=32"):
+        check_input("resnet20", (3, 64, 64), synthetic)
+    with pytest.raises(ConfigError, match="dataset.channels=3"):
+        check_input("resnet20", (1, 32, 32), synthetic)
+    with pytest.raises(ConfigError) as refused:
+        check_input("resnet20", (1, 32, 32), cifar)
+    assert "dataset.channels" not in str(refused.value)

@@ -1,7 +1,8 @@
 """`python -m actmem.train` with a probe on every optimizer step, for tests that run it under torchrun:
 each rank appends "step sha256-of-its-parameters" to $PROBE_TRACE.<rank>, and the rank $PROBE_DIE_RANK
 (default 0) SIGKILLs itself after step $PROBE_DIE_AT_STEP -- a rank dying mid-epoch, at a known step --
-and after step $PROBE_STOP_JOB_AT_STEP rank 0 sends SIGTERM to torchrun's agent, as a scheduler stops a job.
+after step $PROBE_STOP_JOB_AT_STEP rank 0 sends SIGTERM to torchrun's agent, as a scheduler stops a job,
+and after step $PROBE_FAIL_AT_STEP every rank raises a RuntimeError: a failure no check foresaw.
 
     torchrun --standalone --nproc_per_node=2 tests/train_probe.py [hydra overrides]
 """
@@ -38,6 +39,8 @@ def probed_train_epoch(model, *args, on_step=None, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
         if str(step) == os.environ.get("PROBE_STOP_JOB_AT_STEP") and RANK == "0":
             os.kill(os.getppid(), signal.SIGTERM)
+        if str(step) == os.environ.get("PROBE_FAIL_AT_STEP"):
+            raise RuntimeError(f"injected by the probe after step {step}")
 
     return plain_train_epoch(model, *args, on_step=probe, **kwargs)
 

@@ -1,8 +1,10 @@
 """CIFAR-10/100 from torchvision's binary format or an image-folder tree, held whole in memory as uint8.
 
-The image-folder tree (`train/<class>/*.jpg|png`, `test/<class>/*`; what `make data` unpacks) is decoded
-once into `root/actmem-cache-<split>.pt` (about 7 s for 60k JPEGs on 2 cores) and loaded from there
-afterwards, until the file list changes.
+The image-folder tree (`train/<class>/*.jpg|png`, `test/<class>/*`; what `make data` unpacks; listed by
+loader.list_class_folders, which refuses link loops and images reached twice) is decoded once into
+`root/actmem-cache-<split>.pt` (about 7 s for 60k JPEGs on 2 cores) and loaded from there afterwards,
+until the file list changes. The binary format's pickles are read by an unpickler that admits only
+numpy arrays, so that a crafted file cannot run code.
 
 Training augmentation defaults to the standard recipe (zero-pad 4, random crop, random flip);
 airbench94's is crop_padding=2, padding_mode=reflect, flip=alternating.
@@ -13,14 +15,25 @@ import hashlib
 import multiprocessing
 import os
 import pickle
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from actmem.data.loader import DATASETS, balanced_subset, check_augmentation, resolve_root, tensor_bundle, usable_cores
+from actmem.data.loader import (
+    DATASETS,
+    balanced_subset,
+    check_augmentation,
+    list_class_folders,
+    quiet_worker_signals,
+    read_rgb,
+    resolve_root,
+    tensor_bundle,
+    usable_cores,
+    workers_start_quiet,
+)
 from actmem.errors import ActmemError, DataNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -74,53 +87,69 @@ class Cifar100Config(CifarConfig):
     root: str = "data/cifar100"
 
 
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR's pickles hold: dicts, lists, strings, numbers and numpy arrays.
+    pickle.load (torchvision's reader) calls whatever a file names, so a crafted batch file could run
+    any command; here any other name is refused."""
+
+    ADMITTED = {("numpy", "ndarray"), ("numpy", "dtype"),
+                ("numpy.core.multiarray", "_reconstruct"),  # as the original files (numpy 1) name it
+                ("numpy._core.multiarray", "_reconstruct")}  # as numpy 2 writes it
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ADMITTED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR file holds")
+        return super().find_class(module, name)
+
+
+def load_pickle(path: Path):
+    """The CIFAR pickle at `path` (Python 2's strings read as latin-1, as torchvision does)."""
+    try:
+        with open(path, "rb") as f:
+            return CifarUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # refused, truncated or damaged: any of pickle's many errors
+        raise DataNotFoundError(
+            f"Could not load {path} as a CIFAR pickle ({type(e).__name__}: {e}); nothing it names was run. "
+            f"Replace the folder {path.parent} with a fresh copy (unpack the dataset's archive again, or "
+            "delete the folder and set dataset.download=true).") from e
+
+
 def read_binary(folder: Path, spec: Spec):
     """torchvision's pickles: rows of 3072 bytes (R, G, B planes of 32x32) and a label list."""
 
-    def load(name):
-        with open(folder / name, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-
     def split(files):
-        blobs = [load(f) for f in files]
+        blobs = [load_pickle(folder / f) for f in files]
         images = torch.from_numpy(np.concatenate([b["data"] for b in blobs])).view(-1, 3, 32, 32)
         labels = torch.tensor([y for b in blobs for y in b[spec.label_key]], dtype=torch.long)
         return images, labels
 
-    return split(spec.train_files), split(spec.test_files), list(load(spec.meta_file)[spec.names_key])
-
-
-def list_image_folder(split_dir: Path) -> tuple[list[str], list[str], list[int]]:
-    """Class folders sorted by name (-> label index) and their image files, as paths relative to split_dir."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
-    files, labels = [], []
-    for label, c in enumerate(classes):
-        names = sorted(n for n in os.listdir(split_dir / c) if n.lower().endswith(IMAGE_SUFFIXES))
-        files += [f"{c}/{n}" for n in names]
-        labels += [label] * len(names)
-    return classes, files, labels
+    meta = load_pickle(folder / spec.meta_file)
+    return split(spec.train_files), split(spec.test_files), list(meta[spec.names_key])
 
 
 def decode_chunk(paths: list[str]) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    return np.stack([np.asarray(read_rgb(p)) for p in paths])
 
 
 def decode_files(paths: list[str], chunk: int = 1000) -> torch.Tensor:
     """uint8 N x 3 x H x W of the images at `paths`, decoded by a pool of 2 processes per core: a cold
     page cache leaves them waiting on the disk as much as decoding. Workers use PIL and numpy only:
-    a forked child that enters the parent's OpenMP pool (any torch op) can deadlock."""
+    a forked child that enters the parent's OpenMP pool (any torch op) can deadlock. An unreadable image
+    raises read_rgb's DataNotFoundError, naming it. The pool is concurrent.futures', not
+    multiprocessing.Pool: when a stopped job's workers die, one may hold the task queue's lock, and
+    Pool's shutdown then waits for it forever."""
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(min(8, 2 * usable_cores())) as pool:
-        parts = pool.map(decode_chunk, [paths[i : i + chunk] for i in range(0, len(paths), chunk)])
+    with ProcessPoolExecutor(min(8, 2 * usable_cores()), multiprocessing.get_context(method),
+                             initializer=quiet_worker_signals) as pool:
+        with workers_start_quiet():  # the first submission starts the workers
+            decoded = pool.map(decode_chunk, [paths[i : i + chunk] for i in range(0, len(paths), chunk)])
+        parts = list(decoded)
     return torch.from_numpy(np.concatenate(parts)).permute(0, 3, 1, 2).contiguous()
 
 
 def read_image_folder(split_dir: Path, cache: Path):
     """(uint8 N x 3 x H x W images, int64 labels, class names) of one split, through the cache file."""
-    classes, files, labels = list_image_folder(split_dir)
-    if not files:
-        raise DataNotFoundError(f"{split_dir} holds no .jpg/.png images in class folders "
-                                f"({split_dir}/<class>/*.jpg); unpack the dataset again or fix dataset.root.")
+    classes, files, labels = list_class_folders(split_dir, IMAGE_SUFFIXES)
     key = hashlib.sha256("\n".join(files).encode()).hexdigest()
     if cache.exists():
         try:
@@ -131,9 +160,9 @@ def read_image_folder(split_dir: Path, cache: Path):
             pass
     try:
         images = decode_files([str(split_dir / f) for f in files])
-    except (OSError, ValueError) as e:  # a corrupt file, or images of different sizes
+    except ValueError as e:  # images of different sizes (an unreadable one raised DataNotFoundError)
         raise ActmemError(f"Could not decode {split_dir} into one tensor ({e}). CIFAR images must all be "
-                          "readable 32x32 JPEG/PNG files: re-create the folder from the original dataset.") from e
+                          "32x32 JPEG/PNG files: re-create the folder from the original dataset.") from e
     blob = {"key": key, "images": images, "labels": torch.tensor(labels), "classes": classes}
     save_atomic(blob, cache)
     return blob["images"], blob["labels"], classes

@@ -1,4 +1,4 @@
-"""ImageNet (or any tree in its layout, e.g. Imagenette) through ImageFolder and DataLoader workers.
+"""ImageNet (or any tree in its layout, e.g. Imagenette) through DataLoader workers.
 
 Workers decode and crop to uint8; the batch goes to the device as uint8 and is normalised there.
 Under data parallelism each rank reads only its shard: a DistributedSampler's per-epoch share of the
@@ -9,10 +9,11 @@ ranks' test counts counts every image once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
-from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
 from actmem.data.loader import (
@@ -24,6 +25,9 @@ from actmem.data.loader import (
     check_train_size,
     contiguous_share,
     epoch_seed,
+    list_class_folders,
+    quiet_worker_signals,
+    read_rgb,
     resolve_root,
     usable_cores,
 )
@@ -44,8 +48,24 @@ class ImageNetConfig:
     val_dir: str = "val"
 
 
+class ImageFiles(Dataset):
+    """(transformed image, label) of each image in `folder`'s class folders, in ImageFolder's layout, file
+    types and order. Not ImageFolder itself: its listing follows links into loops and other classes,
+    and a broken image fails in a worker without naming the file (see list_class_folders, read_rgb)."""
+
+    def __init__(self, folder: Path, transform):
+        self.folder, self.transform = folder, transform
+        self.classes, self.files, self.targets = list_class_folders(folder, IMG_EXTENSIONS)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self.transform(read_rgb(self.folder / self.files[i])), self.targets[i]
+
+
 def transforms(cfg, train: bool) -> v2.Compose:
-    """PIL image (RGB: ImageFolder converts greyscale and CMYK) -> uint8 C x size x size tensor."""
+    """PIL image (RGB: read_rgb converts greyscale and CMYK) -> uint8 C x size x size tensor."""
     size = cfg.image_size
     if train:
         steps = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()]
@@ -63,7 +83,7 @@ def split(cfg, train: bool):
             f"*.JPEG and {root}/{cfg.val_dir}/<wnid>/*.JPEG. To fix: request access at image-net.org, lay "
             "the images out as train/<wnid>/ and val/<wnid>/ and set dataset.root=...; or, for the "
             "10-class Imagenette in that layout, run `make data` and set dataset.root=data/imagenette.")
-    data = ImageFolder(str(folder), transform=transforms(cfg, train))
+    data = ImageFiles(folder, transforms(cfg, train))
     k = cfg.train_subset if train else cfg.test_subset
     if k is not None:
         what = "dataset.train_subset" if train else "dataset.test_subset"
@@ -98,7 +118,8 @@ def build_imagenet(cfg, *, batch_size: int, device: torch.device, seed: int, ran
     def loader(data, train: bool) -> DeviceLoader:
         data, sampler = rank_share(data, train, seed=seed, rank=rank, world_size=world_size)
         dl = DataLoader(data, batch_size, shuffle=train and sampler is None, sampler=sampler, drop_last=train,
-                        num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+                        num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator(),
+                        worker_init_fn=quiet_worker_signals)
         return DeviceLoader(dl, norm, device, seed, rank=rank)
 
     return DataBundle(train=loader(train, True), test=loader(test, False), num_classes=len(classes),

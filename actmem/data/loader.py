@@ -12,21 +12,28 @@ Data-parallel training (rank r of world_size processes) gives each rank its own 
 and a disjoint contiguous share of the test set; `batch_size` is the per-rank batch. TensorLoader's
 ranks cut one shared order and augmentation into consecutive per-rank slices, so N ranks with batch b
 train on exactly the samples of one process with batch N * b.
+
+Image-folder trees (CIFAR's, ImageNet's) are listed by `list_class_folders` and decoded by `read_rgb`,
+both of which name the file and the fix when the tree or an image is bad; `quiet_worker_signals`
+keeps worker processes out of the runner's stop handling.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import os
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra.utils import to_absolute_path
+from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from actmem.errors import ConfigError
+from actmem.errors import ConfigError, DataNotFoundError
 from actmem.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -73,6 +80,124 @@ def usable_cores() -> int:
 def resolve_root(root: str) -> Path:
     """A relative `dataset.root` means relative to where the user launched the command."""
     return Path(to_absolute_path(str(Path(root).expanduser())))
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextmanager
+def workers_start_quiet():
+    """Around the start of worker processes that quiet_worker_signals initialises: a worker forked with
+    SIGINT and SIGTERM blocked keeps them pending until it has replaced the runner's handlers that it
+    inherits; the main process gets its own when it leaves this block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def quiet_worker_signals(*_) -> None:
+    """A DataLoader's worker_init_fn, a process pool's initializer: stopping the job is the main
+    process's business. Forked workers inherit the runner's Python handlers (actmem.train's raise
+    Interrupted), so a stopped job printed a traceback from every worker; and a scheduler's SIGTERM,
+    which reaches every process of the job, killed DataLoader workers (torch's handler in them exits
+    quietly only when the loader's own process sends it), so the runner saw a worker killed by a
+    signal, a failed run, instead of its own interrupt. Here Ctrl-C (SIGINT, sent to the whole process
+    group as well) is ignored: the main process alone stops, and shuts its workers down. SIGTERM, from
+    anyone, ends the worker at once with status 0, as torch's handler does for the loader's own:
+    Python's exit would wait for the worker's queue thread, which a stopped main process no longer
+    drains. A worker started within workers_start_quiet gets the signals that came meanwhile now."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_at_once)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def _exit_at_once(signum, frame):
+    os._exit(0)
+
+
+def read_rgb(path: str | Path) -> Image.Image:
+    """The image at `path`, decoded now, in RGB (greyscale and CMYK converted). A truncated, foreign or
+    unreadable file raises DataNotFoundError naming it: PIL's OSError names no file when it is a
+    truncated one, and surfaces as a worker's traceback."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError is one; so are "image file is truncated" and EACCES
+        raise DataNotFoundError(
+            f"Could not read the image {path} ({e}): the file is truncated, damaged or not an image. "
+            "Re-extract it from the dataset's archive (or copy it again), or delete it to train without it."
+        ) from e
+
+
+def list_class_folders(split_dir: Path, suffixes: tuple[str, ...]) -> tuple[list[str], list[str], list[int]]:
+    """Class folders of `split_dir` sorted by name (-> label index), and the images under each (names
+    ending in one of `suffixes`, any case; subfolders included) as paths relative to split_dir, in
+    ImageFolder's order, with their labels.
+
+    ImageFolder follows every symbolic link (os.walk(followlinks=True)): a link that loops back repeats
+    a class's images dozens of times, and a link into another class folder files its images under two
+    labels, both silently. Links are followed here too (subsets made of links to another copy's folders
+    or files are common), but every folder and image is read once: a second path to one (a loop, two
+    class folders that are one, a link to another class's image) is refused, naming both, as are a link
+    to an image that leads nowhere and an empty class folder. A DataNotFoundError says which and how.
+    """
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    if not classes:
+        raise DataNotFoundError(f"{split_dir} holds no class folders; its images belong in {split_dir}/<class>/, one "
+                                "folder per class. Unpack the dataset again, or point dataset.root=... at the dataset.")
+    folders: dict[str, str] = {}  # real path of each folder read -> its path relative to split_dir
+    linked: dict[str, str] = {}  # real path of each image reached through a link -> the link, likewise
+    files, labels = [], []
+    for label, c in enumerate(classes):
+        found = sorted(_walk(split_dir, c, os.path.realpath(split_dir / c), suffixes, folders, linked))
+        if not found:
+            raise DataNotFoundError(
+                f"The class folder {split_dir / c} holds no images (files ending in {', '.join(suffixes)}), so "
+                "its class would have no examples. Delete the folder if the class does not belong in the "
+                "dataset, or put its images back (unpack the dataset again).")
+        files += [f"{folder}/{name}" for folder, name in found]
+        labels += [label] * len(found)
+    for real, link in linked.items():  # a linked image that a folder read holds as well
+        folder, name = os.path.split(real)
+        if folder in folders and name.lower().endswith(suffixes):
+            raise _read_twice("image", split_dir / link, split_dir / folders[folder] / name, real)
+    return classes, files, labels
+
+
+def _walk(split_dir: Path, rel: str, real: str, suffixes: tuple[str, ...], folders: dict[str, str],
+          linked: dict[str, str]) -> list[tuple[str, str]]:
+    """(folder, name) of each image under split_dir/rel, whose real path is `real`; list_class_folders'
+    rules. Only links cost a realpath: a plain entry's real path is its folder's plus its name."""
+    if real in folders:
+        raise _read_twice("folder", split_dir / rel, split_dir / folders[real], real)
+    folders[real] = rel
+    found = []
+    for e in os.scandir(split_dir / rel):
+        link = e.is_symlink()
+        target = os.path.realpath(e.path) if link else f"{real}/{e.name}"
+        if os.path.isdir(target) if link else e.is_dir():  # (a link loop makes DirEntry.is_dir raise)
+            found += _walk(split_dir, f"{rel}/{e.name}", target, suffixes, folders, linked)
+        elif e.name.lower().endswith(suffixes):
+            if link:
+                if not os.path.isfile(target):
+                    raise DataNotFoundError(
+                        f"{e.path} is a symbolic link to {os.readlink(e.path)}, which is no file (missing, or "
+                        "links that loop back). Point the link at the image, or delete it.")
+                if target in linked:
+                    raise _read_twice("image", Path(e.path), split_dir / linked[target], target)
+                linked[target] = f"{rel}/{e.name}"
+            found.append((rel, e.name))
+    return found
+
+
+def _read_twice(what: str, path: Path, first: Path, real: str) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"{path} and {first} are one {what} ({real}), reached twice through a symbolic link (a link that "
+        f"loops back, or a second link to it): the {what} would count twice, and under two labels when the "
+        "paths are in different class folders. Remove the link, or replace it by a copy where an image "
+        "belongs to both classes.")
 
 
 class Normalize:
@@ -253,9 +378,16 @@ class DeviceLoader:
         self.loader.generator.manual_seed(epoch_seed(self.seed, self.epoch, self.rank))
         if isinstance(self.loader.sampler, DistributedSampler):
             self.loader.sampler.set_epoch(self.epoch)
-        for x, y in itertools.islice(self.loader, self.start_batch, None):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            yield self.normalize(x), y
+        with workers_start_quiet():
+            batches = iter(self.loader)
+        try:
+            for x, y in itertools.islice(batches, self.start_batch, None):
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                yield self.normalize(x), y
+        except DataNotFoundError as e:
+            # torch raises a worker's error again here with the worker's traceback for its message; the
+            # runner prints the message, so keep the paragraph the worker raised (the traceback's last line)
+            raise DataNotFoundError(str(e).rsplit("DataNotFoundError: ", 1)[-1].strip()) from e
 
 
 Loader = TensorLoader | DeviceLoader

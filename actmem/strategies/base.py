@@ -46,14 +46,24 @@ def resolve(name_or_cfg, **overrides) -> DictConfig:
     return cfg
 
 
+def _combo_hint(first: str, second: str) -> str:
+    """How to have both strategies on one model, where combo takes them in some order; else why not."""
+    for parts in ([first, second], [second, first]):
+        try:
+            resolve({"name": "combo", "parts": parts})
+            return f", or apply both at once: strategy=combo with strategy.parts=[{','.join(parts)}]."
+        except ConfigError as e:
+            reason = str(e)
+    return f"; the two cannot be combined ({reason})"
+
+
 def apply(model: nn.Module, name_or_cfg, **overrides) -> nn.Module:
     """Apply a strategy by name (`apply(m, "actnn", bits=2)`) or by config (`apply(m, cfg)`)."""
     cfg = resolve(name_or_cfg, **overrides)
     done = getattr(model, "actmem_strategy", None)
     if done is not None:
         raise StrategyError(f"this model is already converted by strategy {done!r}; apply {cfg.name!r} to a fresh "
-                            "model (models.build), or apply both at once: strategy=combo with "
-                            f"strategy.parts=[{done},{cfg.name}].")
+                            f"model (models.build){_combo_hint(done, cfg.name)}")
     model = STRATEGIES.get(cfg.name).fn(model, cfg)
     if cfg.name != "exact":  # exact changes nothing: any strategy may follow it
         model.actmem_strategy = cfg.name

@@ -1,4 +1,9 @@
+import io
+import os
 import pickle
+import shutil
+import signal
+import struct
 
 import pytest
 import torch
@@ -161,9 +166,104 @@ def test_wrong_class_count_and_unreadable_images(tmp_path):
     classes = [str(i) for i in range(10)]
     write_folder(tmp_path / "b", classes, 1, "train")
     write_folder(tmp_path / "b", classes, 1, "test")
-    (tmp_path / "b" / "train" / "3" / "0.png").write_bytes(b"not a png")
-    with pytest.raises(ActmemError, match="Could not decode"):
+    bad = tmp_path / "b" / "train" / "3" / "0.png"
+    bad.write_bytes(bad.read_bytes()[:-100])  # PIL's error names no file
+    with pytest.raises(DataNotFoundError) as e:
         build({"name": "cifar10", "root": str(tmp_path / "b")}, batch_size=1, device=CPU, seed=0)
+    assert str(e.value).startswith(f"Could not read the image {bad} (image file is truncated)")
+    assert "Re-extract it" in str(e.value)
+
+
+def unlink_class_9(split):
+    """Class 9's folder becomes a second path to class 0's: its ten images under two labels."""
+    shutil.rmtree(split / "9")
+    (split / "9").symlink_to(split / "0")
+
+
+def empty_class_9(split):
+    for f in (split / "9").iterdir():
+        f.unlink()
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (unlink_class_9, "{split}/9 and {split}/0 are one folder"),
+    (empty_class_9, "The class folder {split}/9 holds no images (files ending in .jpg, .jpeg, .png)"),
+])
+def test_class_folders_that_would_train_on_a_wrong_set_are_refused(tmp_path, spoil, message):
+    classes = [str(i) for i in range(10)]
+    write_folder(tmp_path, classes, 2, "train")
+    write_folder(tmp_path, classes, 1, "test")
+    spoil(tmp_path / "train")
+    with pytest.raises(DataNotFoundError) as e:
+        build({"name": "cifar10", "root": str(tmp_path)}, batch_size=1, device=CPU, seed=0)
+    assert message.format(split=tmp_path / "train") in str(e.value)
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes as Python 2's cPickle wrote CIFAR's files: bytes as str opcodes, numpy 1's module names."""
+
+    def save_bytes(self, obj):
+        self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch = {**pickle._Pickler.dispatch, bytes: save_bytes}
+
+
+def py2_pickle(obj) -> bytes:
+    f = io.BytesIO()
+    Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+class RunsACommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("crafted", ["data_batch_3", "batches.meta"])
+def test_binary_pickles_hold_data_not_code(tmp_path, crafted):
+    """What CIFAR's files hold unpickles as before; a file that names a function is refused, uncalled."""
+    _, (xte, yte) = write_binary(tmp_path, "cifar10", 50, 20)
+    folder = tmp_path / SPECS["cifar10"].folder
+    for f in folder.iterdir():  # each file as the original (Python 2, numpy 1) one is
+        original = py2_pickle(pickle.loads(f.read_bytes()))
+        assert b"numpy.core.multiarray" in original or f.name == "batches.meta"
+        f.write_bytes(original)
+    b = build({"name": "cifar10", "root": str(tmp_path)}, batch_size=10, device=CPU, seed=0)
+    assert torch.equal(b.test.images, xte) and torch.equal(b.test.labels, yte)
+
+    marker = tmp_path / "ran"
+    (folder / crafted).write_bytes(pickle.dumps({"data": RunsACommand(f"touch {marker}"), "labels": []}))
+    with pytest.raises(DataNotFoundError) as e:
+        build({"name": "cifar10", "root": str(tmp_path)}, batch_size=10, device=CPU, seed=0)
+    assert not marker.exists()
+    assert str(e.value).startswith(f"Could not load {folder / crafted} as a CIFAR pickle (UnpicklingError: it "
+                                   f"names {os.system.__module__}.system, which no CIFAR file holds)")
+    assert "dataset.download=true" in str(e.value)
+
+
+@pytest.mark.parametrize("signame", ["INT", "TERM"])
+def test_a_job_stopped_while_decoding_stops_in_the_runner_alone(signame, stopped_job):
+    """Decoding workers inherited the runner's handlers: each printed a traceback when the job was stopped."""
+    job = stopped_job("""
+        import time
+        from actmem.data import cifar
+
+        def slow(paths):  # decode_chunk's stand-in, in a worker: the one chunk stops the job
+            stop_the_job()
+            time.sleep(2)  # a chunk in flight is finished after Ctrl-C (SIGTERM ends the worker at once)
+
+        cifar.decode_chunk = slow
+        try:
+            cifar.decode_files(["a.png"] * 4)
+        except Stopped as e:
+            print("stopped by", e)
+    """, signame)
+    assert (job.returncode, job.stdout) == (0, f"stopped by {getattr(signal, 'SIG' + signame).value}\n"), job.stderr
+    assert "Traceback" not in job.stderr, job.stderr
 
 
 @pytest.mark.timeout(120)

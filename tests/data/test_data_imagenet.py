@@ -1,3 +1,5 @@
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,87 @@ def test_start_batch_yields_the_rest_of_the_uninterrupted_epoch(tmp_path, world_
         rest = list(loader)
         assert len(loader) == steps and len(rest) == steps - k > 0
         assert all(torch.equal(x, xf) and torch.equal(y, yf) for (x, y), (xf, yf) in zip(rest, full[k:]))
+
+
+def legit_links(root):
+    """Links the listing follows: a class folder, a subfolder and an image that live outside the tree.
+    The training split then holds 12 + 2 + 1 images."""
+    elsewhere = root / "elsewhere"
+    (elsewhere / "more").mkdir(parents=True)
+    (root / "train" / "n03").rename(elsewhere / "n03")
+    (root / "train" / "n03").symlink_to(elsewhere / "n03")
+    for i in range(2):
+        (elsewhere / "more" / f"{i}.JPEG").write_bytes((root / "train" / "n01" / f"{i}.JPEG").read_bytes())
+    (root / "train" / "n01" / "more").symlink_to(elsewhere / "more")
+    (elsewhere / "one.JPEG").write_bytes((root / "train" / "n02" / "0.JPEG").read_bytes())
+    (root / "train" / "n02" / "one.JPEG").symlink_to(elsewhere / "one.JPEG")
+
+
+@pytest.mark.parametrize("link, target, says", [
+    ("train/n01/again", ".", "one folder"),  # a loop: ImageFolder read n01 dozens of times over
+    ("train/n02/up", "train", "one folder"),  # a loop through the split: n01's images under n02
+    ("train/n02/extra", "train/n01", "one folder"),  # n01's images under n02 as well
+    ("train/n04", "train/n01", "one folder"),  # a class folder twice
+    ("train/n02/dup.JPEG", "train/n01/0.JPEG", "one image"),  # an image under two labels
+    ("train/n02/ghost.JPEG", "train/nothing.JPEG", "which is no file"),  # failed mid-training
+    ("train/n02/self.JPEG", "self.JPEG", "which is no file"),  # a link loop
+])
+def test_links_are_followed_but_every_image_is_read_once(tmp_path, link, target, says):
+    write_tree(tmp_path)
+    legit_links(tmp_path)
+    assert imagenet(tmp_path).train_size == 15
+    (tmp_path / link).symlink_to(target if target.startswith((".", "self")) else tmp_path / target)
+    with pytest.raises(DataNotFoundError, match=says) as e:
+        imagenet(tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / link) in msg and "\n" not in msg
+    if says != "which is no file":
+        assert str(tmp_path / target.strip(".")) in msg and "Remove the link" in msg
+
+
+def test_empty_class_folder_is_named_before_training(tmp_path):
+    write_tree(tmp_path)
+    (tmp_path / "train" / "n00").mkdir()
+    with pytest.raises(DataNotFoundError) as e:
+        imagenet(tmp_path)
+    msg = str(e.value)
+    assert f"The class folder {tmp_path / 'train' / 'n00'} holds no images (files ending in .jpg," in msg
+    assert "Delete the folder" in msg
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_image_in_a_worker_is_one_paragraph_naming_it(tmp_path, workers):
+    write_tree(tmp_path)
+    bad = tmp_path / "val" / "n02" / "2.JPEG"
+    bad.write_bytes(bad.read_bytes()[:1000])  # past the header: PIL fails when it decodes
+    b = imagenet(tmp_path, workers=workers)  # the listing does not open images: ImageNet has 1.3 million
+    with pytest.raises(DataNotFoundError) as e:
+        epoch(b.test, 0)
+    msg = str(e.value)
+    assert msg.startswith(f"Could not read the image {bad} (image file is truncated")
+    assert "Re-extract it" in msg and "\n" not in msg and "Traceback" not in msg
+
+
+@pytest.mark.parametrize("signame", ["INT", "TERM"])
+def test_a_stopped_job_stops_in_the_runner_alone(tmp_path, signame, stopped_job):
+    """Workers inherited the runner's handlers: each printed a traceback on Ctrl-C and died, and a
+    scheduler's SIGTERM killed them (torch's handler in a worker lets only the loader's process end it
+    quietly), so the runner reported a worker killed by a signal (a failed run) instead of its stop."""
+    write_tree(tmp_path)
+    job = stopped_job("""
+        import time
+        from actmem.data import build
+
+        bundle = build({"name": "imagenet", "root": sys.argv[2], "image_size": 24, "workers": 2}, batch_size=2,
+                       device="cpu", seed=0)
+        batches = iter(bundle.train)
+        next(batches)  # the workers are up
+        try:
+            stop_the_job()
+            time.sleep(60)
+        except Stopped as e:
+            time.sleep(1)  # the runner records the stop, its loader still open: a dead worker shows here
+            print("stopped by", e)
+    """, signame, str(tmp_path))
+    assert (job.returncode, job.stdout) == (0, f"stopped by {getattr(signal, 'SIG' + signame).value}\n"), job.stderr
+    assert "Traceback" not in job.stderr, job.stderr

@@ -86,3 +86,22 @@ def test_command_line(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["activation_ratio"] > 2
     assert summary["strategy_config"]["parts"][0] == {"name": "fewbit", "bits": 2}
+
+
+@pytest.mark.parametrize("first, second, suggested", [
+    ("fewbit", "actnn", "strategy.parts=[fewbit,actnn]"),
+    ("actnn", "forward_ad", "strategy.parts=[forward_ad,actnn]"),  # the order combo takes
+    ("actnn", "division", None),  # combo refuses the pair in either order: no suggestion of it
+    ("checkpoint", "fewbit", None),
+])
+def test_a_second_strategy_suggests_only_a_combo_that_combo_takes(first, second, suggested):
+    model = strategies.apply(_vit(), first)
+    with pytest.raises(StrategyError) as refused:
+        strategies.apply(model, second)
+    said = str(refused.value)
+    if suggested:
+        assert suggested in said
+        parts = suggested.split("[")[1].rstrip("]").split(",")
+        strategies.resolve({"name": "combo", "parts": parts})  # and combo takes it
+    else:
+        assert "strategy=combo" not in said and "cannot be combined" in said
