@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The tarballs in $(SHARED) unpacked into data/. Without them (a clone elsewhere: make data SHARED=<folder>)
+# torchvision fetches CIFAR-10 into data/cifar10; with no network this fails with one paragraph on what to do.
 data: setup
 	$(BIN)/python scripts/prepare_data.py --shared $(SHARED) --dest data
 

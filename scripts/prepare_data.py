@@ -2,8 +2,11 @@
 
     python scripts/prepare_data.py --shared ../shared/data --dest data
 
-Idempotent: a dataset whose folder already holds the expected number of images is left alone. A missing
-tarball is not an error (exit 0): the script says how to get that dataset instead (actmem.data.prepare).
+Idempotent: a dataset whose folder already holds the expected number of images is left alone. Without
+the CIFAR-10 tarball (a clone outside this workplace: no ../shared/data) torchvision fetches CIFAR-10 into
+data/cifar10 where there is network; where there is none the script exits 1 with one paragraph saying what
+to do, since `make run` and `make test` need CIFAR-10. Any other missing tarball is not an error (exit 0):
+the script says how to get that dataset instead (actmem.data.prepare).
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import REPO
 from PIL import Image
 
-from actmem.data import prepare
+from actmem.data import cifar, prepare
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -70,13 +70,92 @@ def test_incomplete_folder_or_damaged_tarball_fail(small):
     assert not (dest / "cifar10").exists()
 
 
-def test_nothing_shared_is_not_an_error(tmp_path):
-    """Through the script's command line: exit status 0."""
-    res = subprocess.run([sys.executable, "scripts/prepare_data.py", "--shared", str(tmp_path / "none"),
-                          "--dest", str(tmp_path / "data")], cwd=REPO, capture_output=True, text=True, check=True)
-    out = res.stdout
-    assert "cifar10-jpg.tar.gz not found" in out and "dataset.download=true" in out
-    assert not (tmp_path / "data" / "cifar10").exists()
+# scripts/prepare_data.py with torchvision's CIFAR10 replaced: "offline" fails as urllib does without
+# network, "online" leaves a tiny CIFAR-10 in torchvision's binary format (and its archive) where the real
+# one would. Nothing is downloaded.
+FAKE_TORCHVISION = """
+import pickle, runpy, sys, urllib.error
+import numpy as np
+import torchvision.datasets
+
+MODE = sys.argv.pop(1)
+
+
+class FakeCIFAR10:
+    filename = "cifar-10-python.tar.gz"
+
+    def __init__(self, root, train=True, download=False):
+        if MODE == "offline":
+            raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+        if MODE != "online":
+            raise AssertionError("torchvision was asked for CIFAR-10 again: " + MODE)
+        from pathlib import Path
+        folder = Path(root) / "cifar-10-batches-py"
+        folder.mkdir()
+        (Path(root) / self.filename).write_bytes(b"the archive")
+        rng = np.random.default_rng(0)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            blob = {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))}
+            (folder / name).write_bytes(pickle.dumps(blob))
+        (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+
+
+torchvision.datasets.CIFAR10 = FakeCIFAR10
+sys.argv = ["scripts/prepare_data.py", *sys.argv[1:]]
+runpy.run_path("scripts/prepare_data.py", run_name="__main__")
+"""
+
+
+def prepare_data(mode, shared, dest):
+    """`make data SHARED=<shared>` as the Makefile runs it, torchvision's download faked as `mode`."""
+    return subprocess.run([sys.executable, "-c", FAKE_TORCHVISION, mode, "--shared", str(shared), "--dest",
+                           str(dest)], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_no_shared_data_and_no_network_fails_with_one_paragraph(tmp_path):
+    """Outside this workplace (no ../shared/data) and offline: a non-zero exit and one paragraph that says
+    what to do, not a silent success that leaves `make run` to fail inside training; nothing left behind."""
+    res = prepare_data("offline", tmp_path / "none", tmp_path / "data")
+    assert res.returncode != 0, res.stdout + res.stderr
+    err = res.stderr.strip()
+    assert "\n\n" not in err and "Traceback" not in err, err  # one paragraph
+    words = " ".join(err.split())
+    assert words.startswith("make data: no CIFAR-10, which `make run` and `make test` train on."), words
+    assert f"{tmp_path / 'none' / 'cifar10-jpg.tar.gz'} is not there" in words
+    assert "URLError" in words and "Temporary failure in name resolution" in words
+    assert "make data SHARED=<folder holding cifar10-jpg.tar.gz>" in words and "where there is network" in words
+    assert "fetching CIFAR-10 with torchvision" in res.stdout
+    assert not (tmp_path / "data" / "cifar10").exists() and not (tmp_path / "data" / "cifar10.partial").exists()
+
+
+def test_no_shared_data_fetches_cifar10_with_torchvision(tmp_path):
+    """With network: CIFAR-10 in torchvision's binary format in data/cifar10 (its archive deleted once
+    unpacked), readable by actmem's reader; a second run leaves it alone and fetches nothing."""
+    shared, dest = tmp_path / "none", tmp_path / "data"
+    res = prepare_data("online", shared, dest)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{dest / 'cifar10'}: fetched CIFAR-10 in torchvision's binary format" in res.stdout
+    assert "imagenette-160.tar.gz not found" in res.stdout  # the rest as before: how to get it, no error
+    assert (dest / "cifar10" / "cifar-10-batches-py" / "test_batch").is_file()
+    assert not (dest / "cifar10" / "cifar-10-python.tar.gz").exists() and not (dest / "cifar10.partial").exists()
+    (train, _), (test, _), classes = cifar.load("cifar10", dest / "cifar10", allow_download=False)
+    assert (len(train), len(test), len(classes)) == (50, 10, 10)
+
+    again = prepare_data("must-not-be-called", shared, dest)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "already holds CIFAR-10 in torchvision's binary format, skipped." in again.stdout
+
+
+def test_shared_tarball_is_used_without_asking_torchvision(small, monkeypatch, capsys):
+    """With ../shared/data's tarball (this workplace) `make data` unpacks it as before and never downloads."""
+    shared, dest = small
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("torchvision was asked to download")
+
+    monkeypatch.setattr(prepare, "fetch", no_download)
+    prepare.prepare_all(shared, dest)
+    assert "unpacked cifar10-jpg.tar.gz" in capsys.readouterr().out
 
 
 def test_real_tarballs_hold_the_readme_counts(cifar10_root, imagenette_root):
