@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from actmem.rundir import owner_alive
+from actmem.runtime.rundir import owner_alive
 
 MB = 2**20
 COLUMNS = ["dataset", "model", "strategy", "bits", "batch", "world_size", "status", "epochs", "test_acc",
@@ -59,7 +59,7 @@ KILLED = ("its process ended without a word (SIGKILL, the out-of-memory killer o
 
 def _status(summary: dict, run_dir: Path) -> str | None:
     """summary.json's status, except that a run left "running" whose directory no live process owns
-    (actmem.rundir's lock) was killed."""
+    (actmem.runtime.rundir's lock) was killed."""
     status = summary.get("status")
     if status == "running" and owner_alive(run_dir) is False:
         return "killed"

@@ -11,7 +11,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
-from actmem.rundir import paragraph
+from actmem.core.errors import paragraph
 
 
 def exit_status(exitcode: int) -> int:

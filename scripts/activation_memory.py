@@ -39,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actmem import models, strategies
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
+from actmem.core.provenance import command_line, device_name, header
 from actmem.measure import Saved, current_rss_bytes, peak_rss_bytes, saved_tensors
-from actmem.provenance import command_line, device_name, header
 from actmem.strategies.spec import expand, parse_spec
 
 GiB, MiB = 2**30, 2**20

@@ -24,7 +24,7 @@ import torch
 
 from actmem import compress
 from actmem.compress.backend import use_triton
-from actmem.provenance import command_line, device_name, header
+from actmem.core.provenance import command_line, device_name, header
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

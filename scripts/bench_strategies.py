@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from actmem import models, strategies
-from actmem.errors import StrategyError
+from actmem.core.errors import StrategyError
+from actmem.core.provenance import command_line, device_name, header
+from actmem.experiments.gpu_suite.workload import recompute_pairs
 from actmem.measure import activation_bytes
-from actmem.provenance import command_line, device_name, header
-from actmem.suite.workload import recompute_pairs
 
 RECOMPUTE = "recompute σ->f2"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from actmem.provenance import command_line, device_name, header
-from actmem.suite.base import Table, num
+from actmem.core.provenance import command_line, device_name, header
+from actmem.experiments.gpu_suite.base import Table, num
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULTS = ["dataset=synthetic", "dataset.train_size=2048", "dataset.test_size=256", "model=resnet20",

@@ -7,7 +7,7 @@
     python scripts/fewbit_tables.py --objective uniform10 --weight normal:2 --out /tmp/t.json  # w: N(0, 2²)
 
 For each continuous activation and b = 1..4: the exact DP optimum of ∫_-R^R (f' - q)² w over piecewise-constant
-q with 2**b pieces and borders on the grid (actmem.derivative_tables), w uniform unless --weight says otherwise.
+q with 2**b pieces and borders on the grid (actmem.strategies.fewbit_solver), w uniform unless --weight says otherwise.
 Objective uniform10 (R = 10; the default tables, fewbit_tables.json): 4200 cells, about 4 s per activation, peak
 RSS 1.5 GB; uniform100 (R = 100, the official table generator's domain; fewbit_tables_uniform100.json): the
 same 4200 cells on [-10, 10] plus 2 x 528 tail cells, about 7 s, peak RSS 2.1 GB (memory grows as cells²).
@@ -18,8 +18,8 @@ import argparse
 import json
 from pathlib import Path
 
-from actmem.derivative_tables import make_tables, weight_fn, write_report
 from actmem.strategies.fewbit import CONTINUOUS, OBJECTIVES, TABLES
+from actmem.strategies.fewbit_solver import make_tables, weight_fn, write_report
 
 
 def main(argv=None) -> None:

@@ -4,10 +4,10 @@
     python scripts/gpu_suite.py --only correctness,training
     python scripts/gpu_suite.py --dry-run        # CPU, Triton interpreter, toy sizes: checks the suite runs
 
-The logic lives in actmem.suite (see actmem/suite/runner.py)."""
+The logic lives in actmem.experiments.gpu_suite (see actmem/experiments/gpu_suite/runner.py)."""
 import sys
 
-from actmem.suite.runner import main
+from actmem.experiments.gpu_suite.runner import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """How close compressed training's gradient is to exact training's, on one real CIFAR-10 batch.
 
-For each model and strategy config, `actmem.fidelity.gradient_fidelity` on the same weights and batch
+For each model and strategy config, `actmem.measure.fidelity.gradient_fidelity` on the same weights and batch
 (cross-entropy, train mode; its docstring defines cos, rel. variance and mean error); memory is
 activation_bytes(exact) / activation_bytes(strategy) for this batch (exact measured once per model).
 
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from actmem import data, models, strategies
-from actmem.fidelity import gradient_fidelity
+from actmem.core.provenance import command_line, device_name, header
 from actmem.measure import activation_bytes
-from actmem.provenance import command_line, device_name, header
+from actmem.measure.fidelity import gradient_fidelity
 from actmem.strategies.spec import parse_spec
 
 ACTNN = ["actnn:level=L0", "actnn:level=L1", "actnn:level=L2", "actnn:level=L3"]
@@ -45,7 +45,7 @@ def main() -> int:
     head = header(command_line(), device_name("cpu"), dt.datetime.now(), {
         "batch": f"the first {args.batch} images of the class-balanced CIFAR-10 training subset, no augmentation; "
                  f"fresh weights (seed 0); {args.seeds} seeds per strategy after one warm-up step",
-        "columns": "see the docstrings of `scripts/gradient_fidelity.py` and `actmem.fidelity`"})
+        "columns": "see the docstrings of `scripts/gradient_fidelity.py` and `actmem.measure.fidelity`"})
     bundle = data.build({"name": "cifar10", "root": args.data_root, "train_subset": args.batch, "augment": False},
                         batch_size=args.batch, device="cpu", seed=0)
     x, y = next(iter(bundle.train))

@@ -1,6 +1,6 @@
 """The parity protocol (issue 15): every strategy x N seeds on experiment=airbench94, in one process, then
 the table of test accuracy (mean ± std), difference to exact (± standard error), activation ratio and
-throughput against exact (actmem.parity).
+throughput against exact (actmem.experiments.parity).
 
     python scripts/parity.py --seeds 5
     python scripts/parity.py --seeds 3 --only "exact,actnn L3,division" --budget 600
@@ -22,10 +22,11 @@ from pathlib import Path
 
 from hydra.errors import HydraException
 
-from actmem import provenance
-from actmem.errors import ActmemError
-from actmem.parity import ProtocolRun, compose_config, run_protocol, runs_table, select, summarize, table
-from actmem.train import resolve_device
+from actmem.core import provenance
+from actmem.core.config import positive_seconds
+from actmem.core.errors import ActmemError
+from actmem.experiments.parity import ProtocolRun, compose_config, run_protocol, runs_table, select, summarize, table
+from actmem.runtime.setup import resolve_device
 
 PRESET = "experiment=airbench94"
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, required=True, help="runs per strategy: seeds 0 .. N-1")
     ap.add_argument("--only", help="comma-separated strategy labels (default: all of the protocol)")
     ap.add_argument("--out", type=Path, help="where the run directories and parity.md go")
-    ap.add_argument("--budget", type=float, help="seconds: a run starts only if its strategy's last run fits")
+    ap.add_argument("--budget", type=float,
+                    help="seconds: a run starts only if its strategy's last run fits (default: no limit)")
     ap.add_argument("overrides", nargs="*", help=f"Hydra overrides (after --), added to {PRESET}")
     args = ap.parse_args(argv)
     started = dt.datetime.now().astimezone()
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.seeds < 1:
             raise ActmemError(f"--seeds {args.seeds}: give at least 1.")
+        if args.budget is not None:
+            positive_seconds(args.budget, "--budget")
         variants = select(args.only)
         device = provenance.device_name(resolve_device(compose_config(base).trainer.device))
     except (ActmemError, HydraException) as e:  # a bad label, override or device: refused before any run
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f" ({r.error})" if r.error else ""), flush=True)
         (out / "parity.md").write_text(report(head, protocol, labels))
 
-    deadline = time.time() + args.budget if args.budget else float("inf")
+    deadline = float("inf") if args.budget is None else time.time() + args.budget
     protocol = run_protocol(variants, args.seeds, base, out, deadline=deadline, on_result=progress)
     text = report(head, protocol, labels)
     (out / "parity.md").write_text(text)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from actmem import models, strategies
+from actmem.core.provenance import command_line, device_name, header
 from actmem.measure import activation_bytes, step_peak
-from actmem.memtrack import ROLES
-from actmem.provenance import command_line, device_name, header
+from actmem.measure.memtrack import ROLES
 from actmem.strategies.spec import parse_spec
 
 MiB = 2**20
@@ -63,7 +63,7 @@ def main(argv=None) -> None:
              "activations saved for backward, and transient buffers (outputs not yet freed, gradients in flight, "
              "decoded inputs, workspaces); of the transient, the buffers an op made for itself and frees before it "
              "returns (e.g. oneDNN's reordered copies inside a CPU convolution). `when`: the phase of the step the "
-             "peak fell in. Tracker: actmem.memtrack (the profiler's allocation record, replayed).\n"]
+             "peak fell in. Tracker: actmem.measure.memtrack (the profiler's allocation record, replayed).\n"]
     for title in args.settings:
         model_name, classes, shape = SETTINGS[title]
         rows = []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from actmem.provenance import command_line, device_name, header
+from actmem.core.provenance import command_line, device_name, header
 from actmem.report import load_runs, render
 from actmem.strategies import STRATEGIES
 

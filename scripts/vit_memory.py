@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from actmem import data, models, strategies
+from actmem.core.provenance import command_line, device_name, header
 from actmem.measure import saved_bytes_by_module
 from actmem.models.primitives import GeluTanh, MishPrim, Swish
-from actmem.provenance import command_line, device_name, header
 
 MB = 2**20
 STRATEGIES = [

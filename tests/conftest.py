@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,26 +13,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from helpers import REPO, SHARED_DATA
 
+from actmem.data import prepare
 
-def _real_dataset(name: str, tarball: str, tmp_path_factory) -> Path:
-    """`data/<name>` as `make data` leaves it, else the shared tarball unpacked once for this session."""
-    prepared = REPO / "data" / name
-    if (prepared / "train").is_dir():
-        return prepared
-    archive = SHARED_DATA / tarball
-    if not archive.exists():
-        pytest.fail(f"{name}: neither {prepared} (run `make data`) nor {archive} exists")
-    dest = tmp_path_factory.mktemp(name)
-    with tarfile.open(archive) as tar:
-        tar.extractall(dest, filter="data")
+
+def _real_dataset(folder: str, tmp_path_factory) -> Path:
+    """`data/<folder>` as `make data` leaves it, else its shared tarball unpacked once for this session (by
+    the code `make data` runs). Neither: the test fails, never skips -- `make test` runs `make data` first,
+    so a missing dataset is a broken setup, and a skip would hide the tests that need it."""
+    tb = next(t for t in prepare.TARBALLS if t.folder == folder)
+    local, archive = REPO / "data" / folder, SHARED_DATA / tb.file
+    if local.is_dir() and prepare.matches(local, tb):
+        return local
+    if not archive.is_file():
+        found = (f"holds {prepare.count_images(local)} images, not {tb.counts}" if local.is_dir()
+                 else "does not exist")
+        pytest.fail(f"The {folder} dataset is missing: {local} {found}, and there is no {archive} to unpack. "
+                    f"Run `make data` (it prepares {local} from {archive}; `make test` runs it first).",
+                    pytrace=False)
+    dest = tmp_path_factory.mktemp("shared-data") / folder
+    prepare.unpack(archive, dest, tb)
     return dest
 
 
 @pytest.fixture(scope="session")
 def cifar10_root(tmp_path_factory) -> Path:
-    return _real_dataset("cifar10", "cifar10-jpg.tar.gz", tmp_path_factory)
+    return _real_dataset("cifar10", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def imagenette_root(tmp_path_factory) -> Path:
-    return _real_dataset("imagenette", "imagenette-160.tar.gz", tmp_path_factory)
+    return _real_dataset("imagenette", tmp_path_factory)

@@ -315,8 +315,8 @@ def test_a_bad_wandb_mode_is_refused_before_the_run_starts(tmp_path):
 
 
 def test_input_size_hints_name_only_keys_the_dataset_has():
-    from actmem.errors import ConfigError
-    from actmem.train import check_input
+    from actmem.core.errors import ConfigError
+    from actmem.runtime.setup import check_input
 
     cifar = OmegaConf.create({"name": "cifar10", "root": "data/cifar10"})
     synthetic = OmegaConf.create({"name": "synthetic", "image_size": 64, "channels": 1})

@@ -14,10 +14,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's actmem, run as a script
 
+import actmem.runtime.session as session  # noqa: E402
 import actmem.train as train  # noqa: E402
 
 RANK = os.environ.get("RANK", "0")
-plain_train_epoch = train.train_epoch
+plain_train_epoch = session.train_epoch
 last_step = None  # the step the probe saw last in this process
 
 
@@ -25,7 +26,7 @@ def digest(model) -> str:
     return hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters())).hexdigest()
 
 
-def probed_train_epoch(model, *args, on_step=None, **kwargs):
+def probed_train_epoch(learner, *args, on_step=None, **kwargs):
     def probe(step, sums):
         global last_step
         assert last_step is None or step == last_step + 1, f"step {step} after step {last_step}"
@@ -34,7 +35,7 @@ def probed_train_epoch(model, *args, on_step=None, **kwargs):
             on_step(step, sums)
         if "PROBE_TRACE" in os.environ:
             with open(f"{os.environ['PROBE_TRACE']}.{RANK}", "a") as f:
-                f.write(f"{step} {digest(model)}\n")
+                f.write(f"{step} {digest(learner.model)}\n")
         if str(step) == os.environ.get("PROBE_DIE_AT_STEP") and RANK == os.environ.get("PROBE_DIE_RANK", "0"):
             os.kill(os.getpid(), signal.SIGKILL)
         if str(step) == os.environ.get("PROBE_STOP_JOB_AT_STEP") and RANK == "0":
@@ -42,10 +43,10 @@ def probed_train_epoch(model, *args, on_step=None, **kwargs):
         if str(step) == os.environ.get("PROBE_FAIL_AT_STEP"):
             raise RuntimeError(f"injected by the probe after step {step}")
 
-    return plain_train_epoch(model, *args, on_step=probe, **kwargs)
+    return plain_train_epoch(learner, *args, on_step=probe, **kwargs)
 
 
-train.train_epoch = probed_train_epoch
+session.train_epoch = probed_train_epoch
 
 if __name__ == "__main__":
     train.main()

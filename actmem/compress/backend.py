@@ -12,8 +12,8 @@ import os
 
 import torch
 
+from actmem.compress.errors import CompressError
 from actmem.compress.launch import not_recording, record_only
-from actmem.errors import ConfigError
 
 BACKENDS = ("reference", "triton")
 
@@ -21,10 +21,10 @@ BACKENDS = ("reference", "triton")
 def use_triton(x: torch.Tensor) -> bool:
     forced = os.environ.get("ACTMEM_BACKEND", "").strip().lower()
     if forced and forced not in BACKENDS:
-        raise ConfigError(f"ACTMEM_BACKEND={forced!r} is not a backend; use one of: {', '.join(BACKENDS)}.")
+        raise CompressError(f"ACTMEM_BACKEND={forced!r} is not a backend; use one of: {', '.join(BACKENDS)}.")
     if forced == "triton":
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError("ACTMEM_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1.")
+            raise CompressError("ACTMEM_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1.")
         return True
     if forced == "reference":
         return False

@@ -29,10 +29,10 @@ import torch
 
 from actmem.compress import triton_grid
 from actmem.compress.backend import dispatch
+from actmem.compress.errors import CompressError
 from actmem.compress.packed import Packed, register_layout
 from actmem.compress.packing import check_bits, pack_blocks_, packed_numel, unpack_codes
 from actmem.compress.quant import SLAB
-from actmem.errors import ConfigError
 
 
 def grid_step(bits: int) -> float:
@@ -54,7 +54,7 @@ def grid_shift(center: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _channels_view(x: torch.Tensor) -> torch.Tensor:
     if x.dim() < 2:
-        raise ConfigError(f"grid_quantize needs [N, C, ...] input, got shape {tuple(x.shape)}.")
+        raise CompressError(f"grid_quantize needs [N, C, ...] input, got shape {tuple(x.shape)}.")
     return x.reshape(x.shape[0], x.shape[1], x.shape[2:].numel())
 
 
@@ -72,7 +72,7 @@ def grid_quantize(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bi
         center = torch.zeros(C, device=x.device)
     for name, t in (("scale", scale), ("offset", offset), ("center", center)):
         if t.numel() != C:
-            raise ConfigError(f"grid_quantize: {name} has {t.numel()} values for {C} channels (dim 1 of x).")
+            raise CompressError(f"grid_quantize: {name} has {t.numel()} values for {C} channels (dim 1 of x).")
     scale, offset = (t.to(device=x.device, dtype=torch.float32).reshape(C) for t in (scale, offset))
     shift = grid_shift(center.to(x.device).reshape(C), bits)
     codes = dispatch(x, _quantize_triton, _quantize_reference, xv, scale, offset, shift, bits, _inv_step(bits))

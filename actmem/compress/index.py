@@ -12,16 +12,16 @@ import torch
 
 from actmem.compress import triton_index
 from actmem.compress.backend import dispatch
+from actmem.compress.errors import CompressError
 from actmem.compress.packed import Packed, register_layout
 from actmem.compress.packing import check_bits, pack_blocks_, pack_codes, packed_numel, unpack_codes
 from actmem.compress.quant import SLAB
-from actmem.errors import ConfigError
 
 
 def pack_mask(mask: torch.Tensor) -> Packed:
     """1 bit per element of a bool tensor (ReLU sign, Dropout keep)."""
     if mask.dtype != torch.bool:
-        raise ConfigError(f"pack_mask takes a bool tensor, got {mask.dtype}; pass `x > 0` rather than x.")
+        raise CompressError(f"pack_mask takes a bool tensor, got {mask.dtype}; pass `x > 0` rather than x.")
     codes = pack_codes(mask.reshape(-1).view(torch.uint8), 1)
     return Packed(codes, (), mask.shape, torch.bool, 1, "mask")
 
@@ -40,12 +40,12 @@ def pack_index(codes: torch.Tensor, bits: int) -> Packed:
     """
     bits = check_bits(bits)
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-        raise ConfigError(f"pack_index takes integer codes, got {codes.dtype}; use pack_mask for bool masks.")
+        raise CompressError(f"pack_index takes integer codes, got {codes.dtype}; use pack_mask for bool masks.")
     if codes.numel():
         lo, hi = torch.aminmax(codes)
         if lo < 0 or hi >= 1 << bits:
-            raise ConfigError(f"pack_index: codes span [{int(lo)}, {int(hi)}], which {bits} bits cannot "
-                              f"hold; pass bits >= {int(hi).bit_length()} or codes in [0, {1 << bits}).")
+            raise CompressError(f"pack_index: codes span [{int(lo)}, {int(hi)}], which {bits} bits cannot "
+                                f"hold; pass bits >= {int(hi).bit_length()} or codes in [0, {1 << bits}).")
     return Packed(pack_codes(codes, bits), (), codes.shape, torch.uint8, bits, "index")
 
 
@@ -96,10 +96,10 @@ def bucketize_pack(x: torch.Tensor, borders: torch.Tensor, bits: int) -> Packed:
     """
     bits = check_bits(bits, range(1, 5))
     if not x.is_floating_point():
-        raise ConfigError(f"bucketize_pack takes a floating-point tensor, got {x.dtype}.")
+        raise CompressError(f"bucketize_pack takes a floating-point tensor, got {x.dtype}.")
     if borders.dim() != 1 or borders.numel() != (1 << bits) - 1 or not borders.is_floating_point():
-        raise ConfigError(f"bucketize_pack at {bits} bits needs {(1 << bits) - 1} sorted floating-point "
-                          f"inner borders in a 1-D tensor, got {tuple(borders.shape)} ({borders.dtype}).")
+        raise CompressError(f"bucketize_pack at {bits} bits needs {(1 << bits) - 1} sorted floating-point "
+                            f"inner borders in a 1-D tensor, got {tuple(borders.shape)} ({borders.dtype}).")
     borders = borders.to(device=x.device, dtype=torch.promote_types(x.dtype, borders.dtype))
     codes = dispatch(x, _bucketize_triton, _bucketize_reference, x, borders, bits)
     return Packed(codes, (), x.shape, torch.uint8, bits, "index")
@@ -113,13 +113,13 @@ def lookup_mul(p: Packed, levels: torch.Tensor, grad_out: torch.Tensor) -> torch
     multiplies in fp32, where fp16/bf16 products are exact). Result: grad_out's shape and dtype.
     """
     if p.layout not in ("index", "mask"):
-        raise ConfigError(f"lookup_mul needs index codes (bucketize_pack, pack_index), got {p.layout!r}.")
+        raise CompressError(f"lookup_mul needs index codes (bucketize_pack, pack_index), got {p.layout!r}.")
     if levels.dim() != 1 or levels.numel() != 1 << p.bits:
-        raise ConfigError(f"lookup_mul: {p.bits}-bit codes need {1 << p.bits} levels in a 1-D tensor, "
-                          f"got shape {tuple(levels.shape)}.")
+        raise CompressError(f"lookup_mul: {p.bits}-bit codes need {1 << p.bits} levels in a 1-D tensor, "
+                            f"got shape {tuple(levels.shape)}.")
     if grad_out.shape != p.shape:
-        raise ConfigError(f"lookup_mul: grad_out has shape {tuple(grad_out.shape)}, the codes "
-                          f"{tuple(p.shape)}.")
+        raise CompressError(f"lookup_mul: grad_out has shape {tuple(grad_out.shape)}, the codes "
+                            f"{tuple(p.shape)}.")
     levels = levels.to(device=grad_out.device, dtype=grad_out.dtype)
     return dispatch(grad_out, _lookup_mul_triton, _lookup_mul_reference, p, levels, grad_out)
 

@@ -1,6 +1,6 @@
 """The one place where actmem launches a Triton kernel.
 
-Every kernel goes through `launch`, so this is also where the compile check (actmem.kernel_check)
+Every kernel goes through `launch`, so this is also where the compile check (actmem.experiments.kernel_check)
 learns which specializations real training uses: inside `recording()`, each launch is recorded as
 Triton's JIT would specialize it for a CUDA target (signature, constexprs, divisibility attributes,
 options) and not run, and the compress functions take their torch reference for the values

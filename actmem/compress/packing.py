@@ -19,7 +19,7 @@ import torch
 
 from actmem.compress import triton_index
 from actmem.compress.backend import dispatch
-from actmem.errors import ConfigError
+from actmem.compress.errors import CompressError
 
 # (shift, mask): round r swaps the off-diagonal 2^r x 2^r sub-blocks of every 2^(r+1) x 2^(r+1) block.
 _ROUNDS = ((7, 0x00AA00AA00AA00AA), (14, 0x0000CCCC0000CCCC), (28, 0x00000000F0F0F0F0))
@@ -29,7 +29,7 @@ _WORDS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # by 
 
 def check_bits(bits: int, allowed=range(1, 9)) -> int:
     if int(bits) not in allowed:
-        raise ConfigError(f"bits={bits} cannot be packed here; valid widths: {', '.join(map(str, allowed))}.")
+        raise CompressError(f"bits={bits} cannot be packed here; valid widths: {', '.join(map(str, allowed))}.")
     return int(bits)
 
 

@@ -39,9 +39,9 @@ import torch
 
 from actmem.compress import triton_quant
 from actmem.compress.backend import dispatch
+from actmem.compress.errors import CompressError, NonFiniteError
 from actmem.compress.packed import Packed, decode, register_layout
 from actmem.compress.packing import planes, transpose_blocks_
-from actmem.errors import ConfigError, NonFiniteError
 
 WIDTHS = (1, 2, 4, 8)
 SLAB = 1 << 18  # elements per step of the reference: each float32 temporary is 1 MiB
@@ -55,9 +55,9 @@ def quantize(x: torch.Tensor, bits, group_size: int = 256, stochastic: bool = Tr
     torch's global RNG, so torch.manual_seed reproduces a run). `check` raises NonFiniteError on NaN/Inf
     input; it costs one reduction over the per-group steps (and a sync on GPU)."""
     if x.dtype not in _META:
-        raise ConfigError(f"quantize takes float32, float16 or bfloat16 tensors, got {x.dtype}; cast x.")
+        raise CompressError(f"quantize takes float32, float16 or bfloat16 tensors, got {x.dtype}; cast x.")
     if group_size <= 0 or group_size % 8:
-        raise ConfigError(f"group_size={group_size} must be a positive multiple of 8 (ActNN uses 256).")
+        raise CompressError(f"group_size={group_size} must be a positive multiple of 8 (ActNN uses 256).")
     N, M, G = _grid(x.shape, per_sample, group_size)
     widths = _widths(bits, x, N, per_sample)
     lo = torch.empty(N, G, dtype=_META[x.dtype], device=x.device)
@@ -68,7 +68,7 @@ def quantize(x: torch.Tensor, bits, group_size: int = 256, stochastic: bool = Tr
                      seed, lo, step)
     if check and not bool(torch.isfinite(step).all()):
         raise NonFiniteError("quantize: x holds NaN or Inf values, which have no quantized code; check the "
-                         "forward pass for overflow (or pass check=False to skip this test).")
+                             "forward pass for overflow (or pass check=False to skip this test).")
     if isinstance(widths, int):
         meta, bits = (lo, step), widths
     else:
@@ -126,16 +126,16 @@ def _widths(bits, x: torch.Tensor, N: int, per_sample: bool):
     """bits as an int of WIDTHS, or as a uint8 tensor [N] of per-sample widths on x's device."""
     if torch.is_tensor(bits) and bits.dim() > 0:
         if not per_sample or x.dim() < 2:
-            raise ConfigError("Per-sample bits need per_sample=True and an input with a batch dimension.")
+            raise CompressError("Per-sample bits need per_sample=True and an input with a batch dimension.")
         if bits.is_floating_point() or bits.dtype == torch.bool or bits.shape != (N,):
-            raise ConfigError(f"Per-sample bits must be a 1-D integer tensor of {N} widths (one per sample), "
-                              f"got {bits.dtype} of shape {tuple(bits.shape)}.")
+            raise CompressError(f"Per-sample bits must be a 1-D integer tensor of {N} widths (one per sample), "
+                                f"got {bits.dtype} of shape {tuple(bits.shape)}.")
         if N and not bool(((bits >= 1) & (bits <= 8)).all()):
-            raise ConfigError(f"Per-sample widths must lie in 1..8, got {sorted(set(bits.tolist()))}.")
+            raise CompressError(f"Per-sample widths must lie in 1..8, got {sorted(set(bits.tolist()))}.")
         return bits.to(device=x.device, dtype=torch.uint8)
     if isinstance(bits, bool) or int(bits) != bits or int(bits) not in WIDTHS:
-        raise ConfigError(f"bits={bits} is not a quantization width; valid widths: "
-                          f"{', '.join(map(str, WIDTHS))} (or a 1-D tensor of per-sample widths 1..8).")
+        raise CompressError(f"bits={bits} is not a quantization width; valid widths: "
+                            f"{', '.join(map(str, WIDTHS))} (or a 1-D tensor of per-sample widths 1..8).")
     return int(bits)
 
 

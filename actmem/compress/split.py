@@ -38,10 +38,10 @@ import torch
 
 from actmem.compress import triton_split
 from actmem.compress.backend import dispatch
+from actmem.compress.errors import CompressError, NonFiniteError
 from actmem.compress.packed import Packed, register_layout
 from actmem.compress.packing import check_bits, pack_into_, unpack_into_
 from actmem.compress.quant import SLAB
-from actmem.errors import ConfigError, NonFiniteError
 
 
 def split_geometry(shape: torch.Size, block: int) -> tuple[int, int, int, int, int]:
@@ -53,8 +53,8 @@ def split_geometry(shape: torch.Size, block: int) -> tuple[int, int, int, int, i
     elif len(shape) == 2:
         P, H, W = shape[0], 1, shape[1]
     else:
-        raise ConfigError(f"split_quantize takes 2-D, 3-D or 4-D input ([N, F], [N, C, L], [N, C, H, W]), "
-                          f"got shape {tuple(shape)}.")
+        raise CompressError(f"split_quantize takes 2-D, 3-D or 4-D input ([N, F], [N, C, L], [N, C, H, W]), "
+                            f"got shape {tuple(shape)}.")
     return P, H, W, max(1, min(block, H)), max(1, min(block, W))
 
 
@@ -152,9 +152,9 @@ def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: b
     (torch.Generator in the reference, Philox in Triton); None draws from torch's global RNG."""
     bits = check_bits(bits)
     if int(block) < 1:
-        raise ConfigError(f"split_quantize: block={block} must be a positive window size (DIVISION uses 8).")
+        raise CompressError(f"split_quantize: block={block} must be a positive window size (DIVISION uses 8).")
     if not x.is_floating_point():
-        raise ConfigError(f"split_quantize takes a floating-point tensor, got {x.dtype}.")
+        raise CompressError(f"split_quantize takes a floating-point tensor, got {x.dtype}.")
     geometry = split_geometry(x.shape, int(block))
     P = geometry[0]
     args = (x, geometry, bits, stochastic, seed)
@@ -164,8 +164,8 @@ def split_quantize(x: torch.Tensor, block: int = 8, bits: int = 2, stochastic: b
     if not torch.isfinite(stats).all():
         bad = int((~torch.isfinite(stats)).any(1).sum())
         raise NonFiniteError(f"split_quantize: the input holds NaN, Inf or values too large to quantize ({bad} "
-                          f"of its {P} planes); the forward pass has diverged: lower the learning rate or "
-                          "check the data.")
+                             f"of its {P} planes); the forward pass has diverged: lower the learning rate or "
+                             "check the data.")
     return Packed(codes, (lfc, stats), x.shape, x.dtype, bits, "split", {"block": int(block)})
 
 

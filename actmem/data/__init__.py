@@ -11,9 +11,9 @@ from collections.abc import Mapping
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from actmem.core.errors import ConfigError
+from actmem.core.registry import discover
 from actmem.data.loader import DATASETS, DataBundle, DeviceLoader, TensorLoader
-from actmem.errors import ConfigError
-from actmem.registry import discover
 
 discover(__name__, __path__)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actmem.core.errors import ActmemError, DataNotFoundError
 from actmem.data.loader import (
     DATASETS,
     balanced_subset,
@@ -34,7 +35,6 @@ from actmem.data.loader import (
     usable_cores,
     workers_start_quiet,
 )
-from actmem.errors import ActmemError, DataNotFoundError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, S
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import v2
 
+from actmem.core.errors import ActmemError, DataNotFoundError
 from actmem.data.loader import (
     DATASETS,
     DataBundle,
@@ -31,7 +32,6 @@ from actmem.data.loader import (
     resolve_root,
     usable_cores,
 )
-from actmem.errors import ActmemError, DataNotFoundError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

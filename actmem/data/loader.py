@@ -33,8 +33,8 @@ from hydra.utils import to_absolute_path
 from PIL import Image
 from torch.utils.data import DistributedSampler
 
-from actmem.errors import ConfigError, DataNotFoundError
-from actmem.registry import Registry
+from actmem.core.errors import ConfigError, DataNotFoundError
+from actmem.core.registry import Registry
 
 DATASETS = Registry("dataset")
 

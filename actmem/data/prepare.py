@@ -113,7 +113,7 @@ def fetch(tb: Tarball, shared: Path, dest: Path, timeout_s: float = 60) -> None:
     and nothing left behind."""
     import torchvision.datasets
 
-    from actmem.rundir import paragraph
+    from actmem.core.errors import paragraph
 
     spec = cifar.SPECS[tb.fetch]
     folder = dest / tb.folder

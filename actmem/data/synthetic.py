@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from actmem.core.errors import ConfigError
 from actmem.data.loader import DATASETS, DataBundle, tensor_bundle
-from actmem.errors import ConfigError
 
 
 @dataclass

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
+from actmem.core.registry import discover
 from actmem.models.base import MODELS
-from actmem.registry import discover
 
 discover(__name__, __path__)
 

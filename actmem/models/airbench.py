@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 from actmem.models.base import MODELS
 
 WIDTHS = (64, 256, 256)

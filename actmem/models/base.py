@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from actmem.registry import Registry
+from actmem.core.registry import Registry
 
 MODELS = Registry("model")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 import torch.nn.functional as F
 
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 from actmem.models.base import MODELS, init_cnn_
 
 SHORTCUTS = ("pad", "projection")

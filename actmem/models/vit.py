@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 from actmem.models.base import MODELS, MatMul
 
 IMAGE_SIZE, PATCH_SIZE = 32, 4

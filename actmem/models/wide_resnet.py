@@ -2,7 +2,7 @@
 k times wider, with optional dropout between the two convolutions (0 by default)."""
 from __future__ import annotations
 
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 from actmem.models.base import MODELS
 from actmem.models.preact_resnet import PreActBlock, PreActResNet
 

@@ -60,7 +60,7 @@ import torch.nn as nn
 
 from actmem import compress
 from actmem.compress.packed import Packed
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES
 from actmem.strategies.layers import BATCHNORM, TRANSFORMER, Codec, swap_layers
 

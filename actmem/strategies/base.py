@@ -20,8 +20,8 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from actmem.errors import ConfigError, StrategyError
-from actmem.registry import Registry
+from actmem.core.errors import ConfigError, StrategyError
+from actmem.core.registry import Registry
 
 STRATEGIES = Registry("strategy")
 

@@ -51,7 +51,7 @@ from torch.autograd import Function
 
 from actmem.compress.grid import grid_dequantize, grid_quantize
 from actmem.compress.packed import Packed
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed, Graph, replace_modules
 from actmem.strategies.ops import autocast_inputs, conv_backward, load_packed, save_packed
 

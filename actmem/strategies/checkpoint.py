@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from actmem import models
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
 
 GRANULARITIES = ("block", "stage")

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES, resolve
 
 SAME_LAYERS = ("actnn", "division", "blpa")

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from actmem.compress.packed import Packed
 from actmem.compress.split import split_geometry, split_quantize
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES
 from actmem.strategies.layers import TRANSFORMER, Codec, swap_layers
 from actmem.strategies.ops import keep

@@ -11,7 +11,7 @@ piecewise-constant q with 2**b pieces that minimises  ∫ (f'(x) - q(x))² w(x) 
   worse; results/fewbit-tables.md gives both sets' errors under both weights and under a standard
   normal one.
 Each set is the exact optimum over borders on a grid (step 1/210 on [-10, 10], cells growing 1% each
-beyond), found by dynamic programming (actmem.derivative_tables). Tables are computed once by
+beyond), found by dynamic programming (actmem.strategies.fewbit_solver). Tables are computed once by
 scripts/fewbit_tables.py, shipped in fewbit_tables.json (uniform10) and fewbit_tables_uniform100.json,
 and read by `derivative_table`. ReLU, LeakyReLU, ReLU6, Hardtanh and Hardsigmoid have piecewise-constant
 derivatives: they get exact 1- or 2-bit tables (`exact_table`), so their gradients are exact whatever
@@ -50,7 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actmem.compress.index import bucketize_pack, lookup_mul
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed, replace_modules
 from actmem.strategies.ops import load_packed, save_packed
 

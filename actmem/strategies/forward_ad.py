@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actmem.compress.backend import dispatch
-from actmem.errors import StrategyError
+from actmem.core.errors import StrategyError
 from actmem.strategies.base import STRATEGIES, Claimed, Graph, replace_modules
 from actmem.strategies.ops import conv_backward, linear_backward
 

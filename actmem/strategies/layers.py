@@ -32,7 +32,7 @@ from torch.autograd import Function
 
 from actmem.compress.index import pack_index, pack_mask, unpack_index, unpack_mask
 from actmem.compress.packed import Packed, decode
-from actmem.errors import StrategyError
+from actmem.core.errors import StrategyError
 from actmem.models.base import MatMul
 from actmem.strategies.base import Claimed, replace_modules
 from actmem.strategies.ops import (

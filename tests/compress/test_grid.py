@@ -7,9 +7,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from actmem.compress.errors import CompressError  # noqa: E402
 from actmem.compress.grid import grid_positive, grid_quantize, grid_shift, grid_step  # noqa: E402
 from actmem.compress.packed import decode  # noqa: E402
-from actmem.errors import ConfigError  # noqa: E402
 
 BACKENDS = ["reference", "triton"]
 
@@ -141,7 +141,7 @@ def test_empty(backend, shape):
 
 
 def test_rejects_bad_shapes():
-    with pytest.raises(ConfigError, match="scale has 2 values for 3 channels"):
+    with pytest.raises(CompressError, match="scale has 2 values for 3 channels"):
         grid_quantize(torch.randn(2, 3, 4), torch.ones(2), torch.zeros(3), 4)
-    with pytest.raises(ConfigError, match=r"\[N, C, \.\.\.\]"):
+    with pytest.raises(CompressError, match=r"\[N, C, \.\.\.\]"):
         grid_quantize(torch.randn(5), torch.ones(1), torch.zeros(1), 4)

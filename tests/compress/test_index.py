@@ -7,9 +7,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from actmem.compress.errors import CompressError  # noqa: E402
 from actmem.compress.index import bucketize_pack, lookup_mul, pack_index, pack_mask  # noqa: E402
 from actmem.compress.packed import decode  # noqa: E402
-from actmem.errors import ConfigError  # noqa: E402
 
 BACKENDS = ["reference", "triton"]
 SHAPES = [(1,), (13,), (2, 3, 5, 7), (1, 64), (4, 33)]
@@ -52,13 +52,13 @@ def test_index_round_trip_bit_exact(bits):
 
 
 def test_index_rejects_codes_out_of_range():
-    with pytest.raises(ConfigError, match="4 bits cannot hold"):
+    with pytest.raises(CompressError, match="4 bits cannot hold"):
         pack_index(torch.tensor([0, 16]), 4)
-    with pytest.raises(ConfigError, match="cannot hold"):
+    with pytest.raises(CompressError, match="cannot hold"):
         pack_index(torch.tensor([-1, 3]), 4)
-    with pytest.raises(ConfigError, match="integer codes"):
+    with pytest.raises(CompressError, match="integer codes"):
         pack_index(torch.tensor([0.0]), 4)
-    with pytest.raises(ConfigError, match="valid widths"):
+    with pytest.raises(CompressError, match="valid widths"):
         pack_index(torch.tensor([0]), 9)
 
 
@@ -89,9 +89,9 @@ def test_bucketize_matches_torch(bits, dtype):
 
 
 def test_bucketize_rejects_bad_borders():
-    with pytest.raises(ConfigError, match="needs 3 sorted"):
+    with pytest.raises(CompressError, match="needs 3 sorted"):
         bucketize_pack(torch.randn(4), torch.tensor([0.0, 1.0]), 2)
-    with pytest.raises(ConfigError, match="valid widths"):
+    with pytest.raises(CompressError, match="valid widths"):
         bucketize_pack(torch.randn(4), torch.zeros(31), 5)
 
 
@@ -114,7 +114,7 @@ def test_lookup_mul_bit_exact(bits, dtype):
 
 def test_lookup_mul_checks_its_inputs():
     p = bucketize_pack(torch.randn(4, 4), _borders(2), 2)
-    with pytest.raises(ConfigError, match="need 4 levels"):
+    with pytest.raises(CompressError, match="need 4 levels"):
         lookup_mul(p, torch.zeros(3), torch.randn(4, 4))
-    with pytest.raises(ConfigError, match="grad_out has shape"):
+    with pytest.raises(CompressError, match="grad_out has shape"):
         lookup_mul(p, torch.zeros(4), torch.randn(16))

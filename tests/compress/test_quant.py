@@ -10,7 +10,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from actmem import compress  # noqa: E402
-from actmem.errors import ConfigError  # noqa: E402
+from actmem.compress import CompressError, NonFiniteError  # noqa: E402
 
 BACKENDS = ["reference", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -211,7 +211,7 @@ def test_constant_groups(backend, dtype, stochastic):
 def test_nan_and_inf_are_refused(backend, bad):
     x = torch.randn(2, 100)
     x[1, 37] = bad
-    with pytest.raises(ValueError, match="NaN or Inf"):
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
         on(backend, compress.quantize, x, 2)
     on(backend, compress.quantize, x, 2, check=False)  # the caller's choice: no test, no error
 
@@ -245,7 +245,7 @@ def test_one_dimensional_is_one_sample():
 
 @pytest.mark.parametrize("bits", [0, 3, 16, 2.5, True])
 def test_bad_width(bits):
-    with pytest.raises(ConfigError, match="valid widths: 1, 2, 4, 8"):
+    with pytest.raises(CompressError, match="valid widths: 1, 2, 4, 8"):
         compress.quantize(torch.randn(2, 8), bits)
 
 
@@ -260,12 +260,12 @@ def test_bad_width(bits):
     ],
 )
 def test_bad_per_sample_widths(widths, kwargs, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(CompressError, match=match):
         compress.quantize(torch.randn(2, 8), widths, **kwargs)
 
 
 def test_bad_group_size_and_dtype():
-    with pytest.raises(ConfigError, match="multiple of 8"):
+    with pytest.raises(CompressError, match="multiple of 8"):
         compress.quantize(torch.randn(2, 8), 2, group_size=12)
-    with pytest.raises(ConfigError, match="float32, float16 or bfloat16"):
+    with pytest.raises(CompressError, match="float32, float16 or bfloat16"):
         compress.quantize(torch.arange(8), 2)

@@ -10,10 +10,10 @@ import torch
 import torchvision.datasets
 from PIL import Image
 
+from actmem.core.errors import ActmemError, ConfigError, DataNotFoundError
 from actmem.data import build
 from actmem.data.cifar import SPECS, decode_files
 from actmem.data.loader import Normalize
-from actmem.errors import ActmemError, ConfigError, DataNotFoundError
 
 CPU = torch.device("cpu")
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from actmem.core.errors import DataNotFoundError
 from actmem.data import DeviceLoader, build
-from actmem.errors import DataNotFoundError
 
 CPU = torch.device("cpu")
 

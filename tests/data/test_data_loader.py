@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from actmem.core.errors import ConfigError
 from actmem.data.loader import (
     Normalize,
     TensorLoader,
@@ -12,7 +13,6 @@ from actmem.data.loader import (
     epoch_seed,
     pad_crop_flip,
 )
-from actmem.errors import ConfigError
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from actmem.core.errors import ConfigError
 from actmem.data import build
-from actmem.errors import ConfigError
 
 
 def synthetic(seed=0, bs=16, **kw):

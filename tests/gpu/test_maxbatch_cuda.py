@@ -13,7 +13,7 @@ import torch
 from helpers import REPO
 
 from actmem import models, strategies
-from actmem.maxbatch import Job, Trials, estimate, trials
+from actmem.measure.batch_search import Job, Trials, estimate, trials
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actmem import models, strategies
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.models.airbench import ConvGroup, init_whitening_
 
 # The published layer list (airbench94.py's make_net), weights + biases:

@@ -33,18 +33,36 @@ def test_bn_relu_conv_chains_in_the_traced_graph(name, block, n_blocks):
             assert by_target[f"{q}.shortcut"].args == (by_target[f"{q}.relu1"],)
 
 
-@pytest.mark.parametrize("name", ["preact_resnet56", "preact_resnet164", "wrn28_10"])
-def test_zero_init_residual_makes_identity_blocks_identities(name):
+# The last convolution of each residual block type's branch: what zero_init_residual zeroes.
+LAST_CONV = {PreActBlock: "conv2", PreActBottleneck: "conv3"}
+
+
+def _residual_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every residual block of `model`, of whatever type: the modules the model's zero_init_residual reaches
+    (they have zero_init_last_). Fails on a type LAST_CONV does not know, so none goes unchecked."""
+    blocks = [m for m in model.modules() if hasattr(m, "zero_init_last_")]
+    unknown = {type(m).__name__ for m in blocks} - {t.__name__ for t in LAST_CONV}
+    assert not unknown, f"residual block types without a LAST_CONV entry: {sorted(unknown)}"
+    return blocks
+
+
+@pytest.mark.parametrize("name, types", [
+    ("preact_resnet56", {PreActBlock}), ("preact_resnet164", {PreActBottleneck}), ("wrn28_10", {PreActBlock}),
+])
+def test_zero_init_residual_makes_identity_blocks_identities(name, types):
     model = models.build(name, num_classes=10, zero_init_residual=True).eval()
-    blocks = [m for m in model.modules() if isinstance(m, (PreActBlock, PreActBottleneck))]
+    blocks = _residual_blocks(model)
+    assert {type(m) for m in blocks} == types == set(models.info(name)["blocks"])
     identity = [m for m in blocks if m.shortcut is None]
-    assert identity and all(not torch.any(m.conv2.weight if isinstance(m, PreActBlock) else m.conv3.weight)
-                            for m in blocks)
+    assert identity and all(not torch.any(getattr(m, LAST_CONV[type(m)]).weight) for m in blocks)
     x = torch.randn(2, identity[-1].bn1.num_features, 8, 8)
     with torch.no_grad():
         assert torch.equal(identity[-1](x), x)
-    default = models.build(name, num_classes=10)
-    assert all(m.conv2.weight.abs().sum() > 0 for m in default.modules() if isinstance(m, PreActBlock))
+
+    default = _residual_blocks(models.build(name, num_classes=10))
+    assert len(default) == len(blocks) > 0  # the default init below is checked on every block
+    for m in default:
+        assert getattr(m, LAST_CONV[type(m)]).weight.abs().sum() > 0, f"{type(m).__name__} zeroed by default"
 
 
 def test_wrn_dropout_sits_between_relu2_and_conv2():

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actmem import models
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 
 CIFAR = ["airbench94", "densenet121", "preact_resnet164", "preact_resnet56", "resnet18", "resnet20", "vit_tiny",
          "wrn28_10"]

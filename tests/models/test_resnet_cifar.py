@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actmem import models
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 from actmem.models.resnet_cifar import BasicBlock, PadShortcut
 
 

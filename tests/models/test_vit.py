@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from actmem import models
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 from actmem.models.vit import Attention, TransformerBlock
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from actmem import models, strategies
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.measure import activation_bytes
 from actmem.strategies.checkpoint import Checkpointed
 

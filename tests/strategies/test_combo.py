@@ -11,7 +11,7 @@ import torch.nn as nn
 from helpers import run_train
 
 from actmem import models, strategies
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.measure import activation_bytes
 from actmem.strategies.base import Claimed
 from actmem.strategies.fewbit import FewBit

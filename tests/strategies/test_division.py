@@ -9,7 +9,7 @@ import torch.nn as nn
 from helpers import FORWARD_MODELS, mean_gradient_errors
 
 from actmem import models, strategies
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.measure import activation_bytes, saved_bytes_by_module
 from actmem.strategies.layers import CompressedBatchNorm2d, CompressedConv2d, CompressedLinear, MaskedReLU
 

@@ -15,10 +15,10 @@ import torch.nn as nn
 from helpers import REPO
 
 from actmem import models, strategies
-from actmem.derivative_tables import grid, mean_square_error, mirror, objective_grid, optimal_tables
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.measure import saved_bytes_by_module
 from actmem.strategies.fewbit import BITS, CONTINUOUS, OBJECTIVES, SYMMETRY, TABLES, FewBit, derivative_table
+from actmem.strategies.fewbit_solver import grid, mean_square_error, mirror, objective_grid, optimal_tables
 
 LO, HI = -10.0, 10.0
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from helpers import REPO
 
 from actmem import models, strategies
-from actmem.errors import StrategyError
+from actmem.core.errors import StrategyError
 from actmem.measure import saved_bytes_by_module
 from actmem.models.primitives import GeluTanh, MishPrim, Swish
 from actmem.strategies.forward_ad import Deferred, NestedConv2d, NestedLinear, find_pairs

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from actmem import models, strategies
 from actmem.compress.packed import Packed
-from actmem.errors import ConfigError, StrategyError
+from actmem.core.errors import ConfigError, StrategyError
 from actmem.measure import activation_bytes
 from actmem.strategies.layers import Codec, swap_layers
 

@@ -40,14 +40,34 @@ MEASURED = {
 CASES = [(model, shape, spec, ratio) for (model, shape), specs in MEASURED.items() for spec, ratio in specs.items()]
 
 
-@functools.cache  # the pins and the target floors measure the same settings
-def _bytes(model_name: str, shape, spec: str = "exact") -> int:
+def _registered(spec: str) -> tuple[str, dict]:
+    """(name, settings) of a pinned spec. A strategy pinned here that is not registered fails the test: a
+    lost strategy (an import or a registration gone) must not turn its pins into skips."""
     name, kw = parse_spec(spec)
     if name not in strategies.STRATEGIES.names():
-        pytest.skip(f"strategy {name} is not registered")
+        pytest.fail(f"strategy {name!r} (pinned as {spec!r}) is not registered; registered: "
+                    f"{', '.join(strategies.STRATEGIES.names())}", pytrace=False)
+    return name, kw
+
+
+@functools.cache  # the pins and the target floors measure the same settings
+def _bytes(model_name: str, shape, spec: str = "exact") -> int:
+    name, kw = _registered(spec)
     torch.manual_seed(0)
     model = strategies.apply(models.build(model_name, num_classes=10), name, **kw)
     return activation_bytes(model, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_every_pinned_strategy_is_registered():
+    pinned, registered = {parse_spec(spec)[0] for _, _, spec, _ in CASES}, set(strategies.STRATEGIES.names())
+    assert not pinned - registered, f"pinned but not registered: {sorted(pinned - registered)}"
+    assert pinned == registered - {"exact"}, f"registered but not pinned: {sorted(registered - pinned - {'exact'})}"
+
+
+def test_an_unregistered_strategy_fails_rather_than_skips():
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception), match="'nosuch'.* is not registered") as e:
+        _registered("nosuch:bits=2")
+    assert e.type is pytest.fail.Exception
 
 
 @pytest.mark.parametrize("model_name, shape, spec, measured", CASES, ids=[f"{m}-{s}" for m, _, s, _ in CASES])

@@ -4,7 +4,7 @@ import torch
 from omegaconf import OmegaConf
 
 from actmem import models, strategies
-from actmem.errors import ConfigError
+from actmem.core.errors import ConfigError
 
 
 def test_apply_by_name_dict_and_dictconfig_agree():
@@ -34,7 +34,7 @@ def test_exact_is_identity():
 
 
 def test_a_converted_model_says_which_strategy_converted_it():
-    from actmem.errors import StrategyError
+    from actmem.core.errors import StrategyError
 
     model = strategies.apply(models.build("resnet20", num_classes=10), "actnn")
     with pytest.raises(StrategyError, match=r"already converted by strategy 'actnn'.*parts=\[actnn,division\]"):
