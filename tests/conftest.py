@@ -43,3 +43,14 @@ def cifar10_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def imagenette_root(tmp_path_factory) -> Path:
     return _real_dataset("imagenette", tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def _codec_backend_left_alone():
+    """A test that leaves ACTMEM_BACKEND or TRITON_INTERPRET changed puts every later test of the session on
+    another codec path (the Triton interpreter: many times slower): fail it."""
+    keys = ("ACTMEM_BACKEND", "TRITON_INTERPRET")
+    before = {k: os.environ.get(k) for k in keys}
+    yield
+    after = {k: os.environ.get(k) for k in keys}
+    assert after == before, f"the test changed the codec environment: {before} -> {after}"

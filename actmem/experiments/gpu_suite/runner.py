@@ -148,10 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true",
                     help="every section at toy sizes on the CPU through the Triton interpreter")
     args = ap.parse_args(argv)
-    if args.dry_run:  # before any Triton kernel is defined, here and in the sections' processes
-        os.environ.update(TRITON_INTERPRET="1", ACTMEM_BACKEND="triton")
     try:
         positive_seconds(args.budget, "--budget")
+        if args.dry_run:  # before any Triton kernel is defined, here and in the sections' processes
+            os.environ.update(TRITON_INTERPRET="1", ACTMEM_BACKEND="triton")
         chosen = select(load_sections(), args.only)
     except ConfigError as e:
         print(f"gpu_suite: {e}", file=sys.stderr)

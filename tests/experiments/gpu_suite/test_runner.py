@@ -41,9 +41,13 @@ def test_unknown_section_lists_the_valid_ones(capsys):
 
 
 @pytest.mark.parametrize("budget", ["0", "-30", "nan", "inf"])
-def test_a_budget_that_is_not_a_positive_finite_number_is_refused(budget, capsys, tmp_path):
-    """Zero or less used to skip every section and still exit 0; infinity would never stop."""
+def test_a_budget_that_is_not_a_positive_finite_number_is_refused(budget, capsys, tmp_path, monkeypatch):
+    """Zero or less used to skip every section and still exit 0; infinity would never stop. Refused before
+    the dry run sets its environment (which would put every later test of this process on the Triton
+    interpreter)."""
+    monkeypatch.delenv("ACTMEM_BACKEND", raising=False)
     assert runner.main(["--dry-run", "--budget", budget, "--out", str(tmp_path)]) == 2
+    assert "ACTMEM_BACKEND" not in os.environ
     assert capsys.readouterr().err == (f"gpu_suite: --budget {float(budget):g} is not a time limit: give a positive, "
                                        "finite number of seconds, e.g. --budget 600.\n")
 
