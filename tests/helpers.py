@@ -50,3 +50,13 @@ def mean_gradient_errors(model, x, counts, strategy: str, **cfg) -> list[float]:
         if k in counts:
             errors.append(float((total / k - g_exact).norm() / g_exact.norm()))
     return errors
+
+
+class RunsCode:
+    """Unpickled, it would create the file `marker`: what a crafted checkpoint does to whoever loads it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, run_train
+from helpers import REPO, RunsCode, run_train
 from omegaconf import OmegaConf
 
 SPEC_FIELDS = {
@@ -293,8 +293,6 @@ def test_raising_max_steps_trains_on_from_where_a_stopped_run_left(tmp_path):
 
 
 def test_a_crafted_checkpoint_runs_no_code_and_the_refusal_changes_nothing(tmp_path):
-    from test_rundir import RunsCode
-
     assert run_train(*QUICK, "trainer.max_steps=1", "logger=none", run_dir=tmp_path).returncode == 0
     marker = tmp_path / "code_ran"
     torch.save({"model": {}, "ranks": [{"rng": RunsCode(marker)}]}, tmp_path / "checkpoint.pt")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from helpers import REPO
 
@@ -47,7 +48,8 @@ def test_a_missing_dataset_fails_a_data_test_naming_make_data(tmp_path):
                                          "pythonpath = tests\n")
     no_shared = tmp_path / "no-shared-data"
     no_shared.mkdir()
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "tests/data/test_probe.py"], cwd=tmp_path,
+    probe = str(Path("tests", "data", "test_probe.py"))
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", probe], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300,
                          env={**os.environ, "ACTMEM_SHARED_DATA": str(no_shared)})
     out = res.stdout + res.stderr

@@ -24,7 +24,7 @@ from actmem.measure.batch_search import Fit, Job, estimate, parse_bytes, search,
 from actmem.measure.memtrack import Peak
 
 D = K = 256  # the toy: Linear(D, K) without bias, SGD with momentum
-# Its step peak in closed form is the larger of two lines (tests/test_memtrack.py derives the first):
+# Its step peak in closed form is the larger of two lines (tests/measure/test_memtrack.py derives the first):
 # - as W's gradient is made: W, its momentum and the new gradient (4 D K bytes each) and two scalars;
 #   per sample the input (kept for backward), the int64 label and the loss gradient w.r.t. the output;
 # - in log_softmax's backward, from batch K/2 up: W and its momentum, two scalars; per sample the input,

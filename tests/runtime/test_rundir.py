@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, RunsCode
 from omegaconf import OmegaConf
 
 from actmem.core.errors import ConfigError
@@ -69,26 +69,16 @@ def test_resume_falls_back_to_the_checkpoint_before_an_unreadable_one(tmp_path):
         return again, again.resume(**kwargs)
 
     again, state = restarted()
-    assert state["step"] == 8
+    assert state.step == 8
     again.release()
     (tmp_path / CHECKPOINT).write_bytes(b"truncated")
     again, state = restarted()
-    assert state["step"] == 4
+    assert state.step == 4
     assert again.summary["epochs"] == 1 and again.summary["test_acc"] == 10.0  # summary follows
     again.release()
     (tmp_path / PREVIOUS).write_bytes(b"")
     with pytest.raises(ConfigError, match="checkpoint.pt is unreadable .* Delete"):
         RunDirectory(tmp_path, config())
-
-
-class RunsCode:
-    """Unpickled, it would create the file `marker`: what a crafted checkpoint does to whoever loads it."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_a_crafted_checkpoint_is_refused_and_runs_no_code(tmp_path):

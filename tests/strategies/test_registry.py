@@ -37,6 +37,8 @@ def test_a_converted_model_says_which_strategy_converted_it():
     from actmem.core.errors import StrategyError
 
     model = strategies.apply(models.build("resnet20", num_classes=10), "actnn")
-    with pytest.raises(StrategyError, match=r"already converted by strategy 'actnn'.*parts=\[actnn,division\]"):
-        strategies.apply(model, "division")
+    with pytest.raises(StrategyError, match=r"already converted by strategy 'actnn'.*cannot be combined"):
+        strategies.apply(model, "division")  # combo refuses the pair, so it is not suggested
+    with pytest.raises(StrategyError, match=r"already converted by strategy 'actnn'.*parts=\[actnn,fewbit\]"):
+        strategies.apply(model, "fewbit")
     strategies.apply(strategies.apply(models.build("resnet20", num_classes=10), "exact"), "actnn")  # exact: no-op
