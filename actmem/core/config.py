@@ -28,12 +28,13 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16", "fp16")
 
 
-def knob(default: Any, rule: str, ok: Callable[[Any], bool], *, factory: Callable[[], Any] | None = None):
+def knob(default: Any, rule: str, ok: Callable[[Any], bool]):
     """A schema field whose values must satisfy `ok` (None, where the default is None, always does);
-    `rule` says in words what is allowed, for the error message."""
+    `rule` says in words what is allowed, for the error message. A callable default (list, a lambda)
+    makes each config's own value, as dataclasses' default_factory."""
     meta = {"rule": rule, "ok": ok}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -106,14 +107,13 @@ class OptimConfig:
     momentum: float = knob(0.9, "it must be in [0, 1) (SGD's default here is 0.9)", lambda v: 0 <= v < 1)
     nesterov: bool = False
     weight_decay: float = knob(5e-4, "it must be >= 0", non_negative)
-    betas: list[float] = knob(None, "AdamW takes two values in [0, 1), e.g. optim.betas=[0.9,0.999]",
-                              lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), factory=lambda: [0.9, 0.999])
+    betas: list[float] = knob(lambda: [0.9, 0.999], "AdamW takes two values in [0, 1), e.g. optim.betas=[0.9,0.999]",
+                              lambda v: len(v) == 2 and all(0 <= b < 1 for b in v))
     schedule: str = knob("cosine", f"use one of {', '.join(SCHEDULES.names())}", lambda v: v in SCHEDULES)
     warmup_epochs: float = knob(0.0, "it must be >= 0", non_negative)
     warmup_start: float = knob(0.1, "the lr factor at step 0 of the warm-up must be in [0, 1]", in_unit_interval)
-    milestones: list[float] = knob(None, "epochs >= 0 in increasing order, e.g. optim.milestones=[100,150]",
-                                   lambda v: all(0 <= a < b for a, b in zip([0, *v], v)) and all(m >= 0 for m in v),
-                                   factory=list)
+    milestones: list[float] = knob(list, "epochs >= 0 in increasing order, e.g. optim.milestones=[100,150]",
+                                   lambda v: all(m >= 0 for m in v) and all(a < b for a, b in zip(v, v[1:])))
     gamma: float = knob(0.1, "the lr factor at each milestone must be > 0", positive)
     cycle_start: float = knob(0.0, "onecycle's lr factor at step 0 must be >= 0", non_negative)
     cycle_peak: float = knob(0.3, "the peak's place is a fraction of the steps, in [0, 1]", in_unit_interval)
@@ -177,10 +177,10 @@ def check_settings(node, prefix: str = "") -> None:
     items = enumerate(node) if isinstance(node, ListConfig) else ((k, node[k]) for k in node)
     for name, value in items:
         key = f"{prefix}[{name}]" if isinstance(node, ListConfig) else f"{prefix}{'.' if prefix else ''}{name}"
-        if isinstance(value, float) and not math.isfinite(value):
-            rule = rules.get(name, {}).get("rule", "give a finite number")
-            raise ConfigError(f"{key}={value}: {rule} (a NaN or infinite value means nothing here).")
         rule = rules.get(name, {})
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value}: {rule.get('rule', 'give a finite number')} (a NaN or infinite value "
+                              "means nothing here).")
         if isinstance(value, (DictConfig, ListConfig)):
             check_settings(value, key)
         if "ok" in rule and value is not None and not rule["ok"](value):

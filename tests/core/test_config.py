@@ -125,3 +125,7 @@ def test_every_lookahead_key_can_be_set_from_the_command_line():
     validate(cfg)
     assert cfg.optim.lookahead.enabled and cfg.optim.lookahead.every_n_steps == 7
     assert not compose_with().optim.lookahead.enabled and compose_with("experiment=airbench94").optim.lookahead.enabled
+
+
+def test_a_milestone_at_epoch_zero_is_allowed_as_the_rule_says():
+    validate(compose_with("optim.schedule=multistep", "optim.milestones=[0,10]"))
